@@ -1,0 +1,19 @@
+# lrf: latent radiance fields, all three stages, as one Snakemake workflow.
+# Data flows one way: images -> poses -> correspondences -> VAE -> field -> renders -> metrics -> report.
+# Every rule is a thin call of `python -m lrf.<step>`; the logic lives in lrf/ and is tested there.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/sfm.smk"
+include: "workflow/rules/correspondences.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand_scenes("results/{dataset}/{scene}/sfm/stats.json"),
+        expand_scenes("results/{dataset}/{scene}/correspondences/summary.json"),

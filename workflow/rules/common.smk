@@ -1,0 +1,68 @@
+# Shared helpers: config validation, the scene sheet, paths, and the shell wrapper.
+import os
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+validate(config, "../../config/schemas/config.schema.yaml")
+
+SHARED = Path(os.environ.get("LRF_SHARED", config["shared_dir"]))
+DATA_DIR = Path(os.environ.get("LRF_DATA_DIR") or config.get("data_dir") or SHARED / "data")
+WEIGHTS_DIR = Path(os.environ.get("LRF_WEIGHTS_DIR") or config.get("weights_dir") or SHARED / "weights")
+PY = "python -m"
+
+# Names reach file paths and shell commands: only safe characters (the schemas enforce it too).
+wildcard_constraints:
+    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    scene="[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+def _read_sheet(path):
+    sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    rows = {}
+    for rec in sheet.to_dict("records"):
+        row = {k: (v if v != "" else None) for k, v in rec.items()}
+        for k in ("max_side", "max_images"):
+            if row.get(k) is not None:
+                row[k] = int(row[k])
+        if row.get("downscale") is not None:
+            row["downscale"] = float(row["downscale"])
+        validate(row, "../../config/schemas/scenes.schema.yaml")
+        key = f"{row['dataset']}/{row['scene']}"
+        if key in rows:
+            raise ValueError(f"{path}: scene {key} is listed twice")
+        rows[key] = row
+    return rows
+
+
+SCENES = _read_sheet(config["scenes"])
+
+
+def selected_scenes():
+    sel = config["select"]
+    keys = config["groups"][sel] if isinstance(sel, str) else sel
+    if isinstance(sel, str) and sel not in config["groups"]:
+        raise ValueError(f"config select: unknown group {sel!r}")
+    missing = [k for k in keys if k not in SCENES]
+    if missing:
+        raise ValueError(f"config select: {', '.join(missing)} not in {config['scenes']}")
+    return keys
+
+
+def expand_scenes(pattern, keys=None, **kw):
+    keys = selected_scenes() if keys is None else keys
+    return [pattern.format(dataset=k.split("/")[0], scene=k.split("/")[1], **kw) for k in keys]
+
+
+def row(wc):
+    return SCENES[f"{wc.dataset}/{wc.scene}"]
+
+
+def opt(flag, value):
+    return "" if value is None else f"{flag} {value}"
+
+
+def logged(cmd):
+    """Run cmd with all its output in {log}; on failure repeat its one-line ERROR to the terminal."""
+    return (cmd + " > {log} 2>&1 || {{ status=$?; grep -h '^ERROR' {log} >&2 || tail -n 5 {log} >&2; exit $status; }}")

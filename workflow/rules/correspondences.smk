@@ -1,0 +1,23 @@
+rule correspondences:
+    """Pixel correspondences per image pair from SfM tracks, with a per-pair weight (parquet)."""
+    input:
+        scene="results/{dataset}/{scene}/sfm/scene.json",
+        points="results/{dataset}/{scene}/sfm/points.npz",
+    output:
+        matches="results/{dataset}/{scene}/correspondences/matches.parquet",
+        pairs="results/{dataset}/{scene}/correspondences/pairs.parquet",
+        summary="results/{dataset}/{scene}/correspondences/summary.json",
+    params:
+        out=lambda wc, output: Path(output.summary).parent,
+        cfg=config["correspondences"],
+        seed=config["seed"],
+    log:
+        "results/logs/correspondences/{dataset}/{scene}.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    shell:
+        logged("{PY} lrf.correspondences --scene {input.scene} --out {params.out} "
+               "--max-reproj {params.cfg[max_reproj_px]} --min-track {params.cfg[min_track]} "
+               "--max-per-pair {params.cfg[max_per_pair]} --seed {params.seed}")

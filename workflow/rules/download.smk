@@ -1,0 +1,11 @@
+rule download:
+    """Fetch weights and public scenes into the configured folders. Needs internet; run explicitly:
+    `snakemake download --cores 1`. Nothing else in the workflow touches the network."""
+    params:
+        data=DATA_DIR,
+        weights=WEIGHTS_DIR,
+        what=config.get("download", "weights,nerf_example"),
+    log:
+        "results/logs/download.log",
+    shell:
+        "{PY} lrf.download --what {params.what} --data-dir {params.data:q} --weights-dir {params.weights:q} 2>&1 | tee {log}"

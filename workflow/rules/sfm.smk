@@ -1,0 +1,23 @@
+rule sfm:
+    """pycolmap: SIFT, matching, then triangulation with given poses or incremental mapping."""
+    input:
+        scene="results/{dataset}/{scene}/prepared/scene.json",
+    output:
+        scene="results/{dataset}/{scene}/sfm/scene.json",
+        points="results/{dataset}/{scene}/sfm/points.npz",
+        stats="results/{dataset}/{scene}/sfm/stats.json",
+    params:
+        poses=lambda wc: row(wc)["poses"],
+        out=lambda wc, output: Path(output.scene).parent,
+        cfg=config["sfm"],
+        seed=config["seed"],
+    log:
+        "results/logs/sfm/{dataset}/{scene}.log",
+    threads: config["sfm"]["threads"]
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    shell:
+        logged("{PY} lrf.sfm --scene {input.scene} --out {params.out} --poses {params.poses} "
+               "--matcher {params.cfg[matcher]} --max-features {params.cfg[max_features]} "
+               "--min-registered {params.cfg[min_registered]} --threads {threads} --seed {params.seed}")
