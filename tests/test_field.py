@@ -238,7 +238,7 @@ def test_densify_clone_split_prune_keep_adam_rows_aligned():
     _check_aligned(field, opt)
     # opacity reset clamps and zeroes the opacity moments only
     strat.reset_opacity(field, opt)
-    assert float(field.opacities.max()) <= 0.01 + 1e-6
+    assert field.opacities.max().item() <= 0.01 + 1e-6
     assert float(opt.state[field.params["opacities"]]["exp_avg"].abs().sum()) == 0
     _check_aligned(field, opt)
 
@@ -346,7 +346,7 @@ def test_orbit_and_video(tmp_path):
         assert cam[2] > 0 and np.allclose(cam[:2], 0, atol=1e-6)
         centre = -R.T @ w2c[:3, 3]
         assert abs(np.linalg.norm(centre[[0, 2]]) - radius) < 0.1 * radius
-        assert R[1] @ np.array([0, -1.0, 0]) < 0                # world up is up on screen
+        assert R[1] @ np.array([0, -1.0, 0]) > 0.9              # the rig's down stays down on screen
     frames = [np.full((8, 10, 3), k / 5, np.float32) for k in range(5)]
     out = write_video(frames, tmp_path / "orbit.gif", fps=10)
     from PIL import Image

@@ -119,8 +119,9 @@ def test_taesd_variants_load(tmp_path, kind, channels):
     ae = build_autoencoder(kind, tmp_path)
     assert ae.latent_channels == channels
     assert not any(getattr(m, "pool", None) is not None for m in ae.modules())
+    ref_sd = ref.encoder.state_dict()
     for name, t in ae.encoder.state_dict().items():
-        assert torch.equal(t, ref.encoder.state_dict()[name].half().float())
+        assert torch.equal(t, ref_sd[name].half().float())
     x = torch.rand(2, 3, 16, 24)
     with torch.no_grad():
         z = ae.encode(x)
@@ -233,11 +234,9 @@ def diffusers_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("name,scale,shift", [("kl", 0.18215, 0.0), ("kl_shift", 0.5, 0.1)])
 def test_diffusers_kl(diffusers_dirs, name, scale, shift):
-    import diffusers
-
-    folder = diffusers_dirs / name
-    ae = build_autoencoder("diffusers-kl", folder)
-    raw = diffusers.AutoencoderKL.from_pretrained(folder).eval()
+    ae = build_autoencoder("diffusers-kl", diffusers_dirs / name)
+    raw = ae.model  # the wrapped diffusers.AutoencoderKL
+    assert type(raw).__name__ == "AutoencoderKL"
     assert ae.latent_channels == 4 and ae.downscale == 8
     assert ae.scaling_factor == pytest.approx(scale) and ae.shift_factor == pytest.approx(shift)
     torch.manual_seed(1)
@@ -264,11 +263,9 @@ def test_diffusers_kl(diffusers_dirs, name, scale, shift):
 
 
 def test_diffusers_tiny(diffusers_dirs):
-    import diffusers
-
-    folder = diffusers_dirs / "tiny"
-    ae = build_autoencoder("diffusers-tiny", folder)
-    raw = diffusers.AutoencoderTiny.from_pretrained(folder).eval()
+    ae = build_autoencoder("diffusers-tiny", diffusers_dirs / "tiny")
+    raw = ae.model
+    assert type(raw).__name__ == "AutoencoderTiny"
     assert ae.latent_channels == 4 and ae.downscale == 8 and ae.scaling_factor == 1.0
     x = torch.rand(1, 3, 24, 16)
     with torch.no_grad():

@@ -399,7 +399,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
         step += 1
         state["step"] = step
         state["seconds"] += time.perf_counter() - t0
-        state["loss_acc"][0] += float(loss)
+        state["loss_acc"][0] += loss.item()
         state["loss_acc"][1] += 1
         if step % max(cfg.log_every, 1) == 0 or step == cfg.iterations:
             mean_loss = state["loss_acc"][0] / max(state["loss_acc"][1], 1)

@@ -83,17 +83,18 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     if means2d.requires_grad:
         means2d.retain_grad()  # densification reads means2d.grad
     idx = proj.visible.nonzero().squeeze(1)
-    idx = idx[torch.argsort(proj.depths.detach()[idx], stable=True)]
-    args = (means2d.index_select(0, idx), proj.conics.index_select(0, idx),
-            opacities.index_select(0, idx), features.index_select(0, idx), background,
-            width, height)
+    order = idx[torch.argsort(proj.depths.detach()[idx], stable=True)]  # front to back
     if backend == "cpu":
         from .cpu import composite_cpu
 
-        image, alpha = composite_cpu(*args)
+        image, alpha = composite_cpu(means2d, proj.conics, opacities, features, background,
+                                     order, width, height)
     else:
         from .reference import composite_reference
 
-        image, alpha = composite_reference(*args)
+        image, alpha = composite_reference(
+            means2d.index_select(0, order), proj.conics.index_select(0, order),
+            opacities.index_select(0, order), features.index_select(0, order), background,
+            width, height)
     return RenderOutput(image=image, alpha=alpha, means2d=means2d, radii=proj.radii,
                         depths=proj.depths)

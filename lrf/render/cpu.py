@@ -1,175 +1,221 @@
-"""Fast differentiable CPU rasterizer: sparse (gaussian, pixel) pairs.
+"""Fast differentiable CPU rasterizer over sparse (pixel, gaussian) pairs.
 
 Why this shape: autograd over per-pair tensors records dozens of large
-intermediates and was the bottleneck of an earlier prototype, so compositing
-is one ``torch.autograd.Function`` with a hand-written backward.  The work is
-organised like a tile rasterizer, but with one-pixel bins:
+intermediates and was what made an earlier prototype slow, so compositing is
+one ``torch.autograd.Function`` with a hand-written backward, and every step
+is a handful of flat, vectorised passes:
 
-1. each Gaussian emits candidate pairs only inside the pixel rectangle where
-   its alpha can reach 1/255 (its opacity-aware bounding box), generated in
-   front-to-back order of the Gaussians;
-2. alpha is evaluated per pair and pairs below 1/255 are dropped at once;
-3. a stable radix sort by pixel id groups pairs per pixel while keeping the
-   depth order inside each group;
-4. transmittance is a segmented cumulative sum of log(1 - alpha) (float64
-   global cumsum minus each pixel's offset), which also gives the early
-   termination (T <= 1e-4) as a mask; only surviving pairs touch the
-   C-channel features, so the expensive [pairs, C] work is minimal;
-5. backward uses the same pair list: per-pair dL/dalpha from a segmented
-   suffix sum, then ``index_add_`` into the per-Gaussian gradients.
+1. *Scanlines.*  For each Gaussian (front to back) and each image row it can
+   reach, solve the quadratic ``sigma(x) <= ln(255 * opacity)`` for the exact
+   pixel span where its alpha can reach 1/255 (plus a rounding margin).  This
+   bins pairs far tighter than 16x16 tiles, so nearly every generated pair
+   survives the per-pair alpha test (which is still applied, with the very
+   same expression as the reference, so both agree bit for bit).
+2. *Per-pixel lists.*  A stable radix sort on the pixel id groups the pairs
+   per pixel while keeping the depth order inside each group.
+3. *Transmittance.*  log T is a segmented cumulative sum of log(1 - alpha)
+   (one float64 cumsum minus each pixel's offset); T <= 1e-4 early
+   termination becomes a mask, and only surviving pairs go further.
+4. *Channels.*  The [pairs, C] work is done by MKL sparse kernels: the image
+   is ``W @ F`` with W the sparse [P, N] weight matrix (CSR), the backward
+   needs ``W^T @ dI`` and the sampled product ``(dI @ F^T)[pairs]``.
+5. *Backward.*  dL/dalpha per pair from a segmented suffix sum, then 1-D
+   ``index_add_`` into per-Gaussian gradients.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
-from .project import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD, alpha_extent
+from .project import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
 
 _LOG_T_MIN = math.log(TRANSMITTANCE_THRESHOLD)
+_LOG_ALPHA_THRESHOLD = math.log(ALPHA_THRESHOLD)
 
 
-def _exclusive_segment_base(csum: Tensor, counts: Tensor) -> Tensor:
-    """Value of an inclusive cumsum just before each segment starts ([S])."""
-    ends = torch.cumsum(counts, 0)
-    padded = torch.cat([csum.new_zeros(1), csum])
-    return padded[ends - counts]
+def sigma_of(a: Tensor, dx: Tensor, cdy2: Tensor, bdy: Tensor) -> Tensor:
+    """Gaussian exponent 0.5 d^T conic d, written once for both CPU backends.
 
-
-def _pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int):
-    """Alpha-culled (pixel, gaussian) pairs sorted by pixel, then by depth.
-
-    Returns pixel ids, gaussian ids, offsets dx/dy (pixel centre - mean),
-    unclamped visibility op*exp(-sigma) and clamped alpha, all of length M.
+    ``cdy2 = c*dy*dy`` and ``bdy = b*dy``; sharing the expression makes the
+    reference and the fast path round identically, so the discrete
+    ``alpha >= 1/255`` decisions agree even in float32.
     """
-    dev = means2d.device
-    n = means2d.shape[0]
-    with torch.no_grad():
-        ex, ey = alpha_extent(conics, opacities)
-        # Small relative margin: the rectangle must contain every pixel the
-        # exact per-pair test accepts, up to rounding.
-        ex = ex * (1 + 1e-6) + 1e-6
-        ey = ey * (1 + 1e-6) + 1e-6
-        mx, my = means2d[:, 0], means2d[:, 1]
-        x0 = torch.ceil(mx - ex - 0.5).clamp(0, width)
-        x1 = torch.floor(mx + ex - 0.5).clamp(-1, width - 1)
-        y0 = torch.ceil(my - ey - 0.5).clamp(0, height)
-        y1 = torch.floor(my + ey - 0.5).clamp(-1, height - 1)
-        bw = (x1 - x0 + 1).clamp_min(0).long()
-        bh = (y1 - y0 + 1).clamp_min(0).long()
-        counts = bw * bh
-        total = int(counts.sum())
-        if total == 0:
-            e = torch.zeros(0, dtype=torch.long, device=dev)
-            z = means2d.new_zeros(0)
-            return e, e, z, z, z, z
-        gid = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
-        start = torch.cumsum(counts, 0) - counts
-        ints = torch.stack([start, bw, x0.long(), y0.long()], 1).index_select(0, gid)
-        local = torch.arange(total, device=dev) - ints[:, 0]
-        ly = torch.div(local, ints[:, 1], rounding_mode="floor")
-        px = ints[:, 2] + (local - ly * ints[:, 1])
-        py = ints[:, 3] + ly
-        del local, ly, ints
-        par = torch.cat([means2d, conics, opacities[:, None]], 1).index_select(0, gid)
-        dx = px.to(means2d.dtype) + 0.5 - par[:, 0]
-        dy = py.to(means2d.dtype) + 0.5 - par[:, 1]
-        sigma = 0.5 * (par[:, 2] * dx * dx + par[:, 4] * dy * dy) + par[:, 3] * dx * dy
-        vis = par[:, 5] * torch.exp(-sigma)
-        keep = (vis >= ALPHA_THRESHOLD) & (sigma >= 0)
-        sel = keep.nonzero().squeeze(1)
-        pix = (py * width + px).index_select(0, sel)
-        order = torch.sort(pix, stable=True).indices
-        sel = sel.index_select(0, order)
-        pix = pix.index_select(0, order)
-        gid = gid.index_select(0, sel)
-        dx = dx.index_select(0, sel)
-        dy = dy.index_select(0, sel)
-        vis = vis.index_select(0, sel)
-        alpha = vis.clamp_max(MAX_ALPHA)
-    return pix, gid, dx, dy, vis, alpha
+    return 0.5 * (a * dx * dx + cdy2) + bdy * dx
+
+
+def _csr(crow_counts: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(crow_counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, values, size=(rows, cols),
+                                       check_invariants=False)
+
+
+def _scanline_pairs(mx: Tensor, my: Tensor, a: Tensor, b: Tensor, c: Tensor, op: Tensor,
+                    width: int, height: int):
+    """Candidate pairs of depth-sorted Gaussians, in Gaussian-major order.
+
+    Returns (rid, row_gid, pix, dx, dy_row, vis, keep): ``rid`` maps a pair to
+    its scanline, ``row_gid`` a scanline to its Gaussian; ``vis`` is the
+    unclamped op*exp(-sigma) and ``keep`` the per-pair alpha test.
+    """
+    dev, dt = mx.device, mx.dtype
+    n = mx.shape[0]
+    lim = torch.log(op.clamp_min(ALPHA_THRESHOLD)) - _LOG_ALPHA_THRESHOLD  # ln(255 op) >= 0
+    det = (a * c - b * b).clamp_min(1e-30)
+    ey = (2.0 * lim * a / det).sqrt()
+    ey = ey * (1 + 1e-4) + 1e-4  # rounding margin: we need a superset
+    y0 = torch.ceil(my - ey - 0.5).clamp(0, height).long()
+    y1 = torch.floor(my + ey - 0.5).clamp(-1, height - 1).long()
+    bh = (y1 - y0 + 1).clamp_min(0)
+    R = int(bh.sum())
+    rg = torch.repeat_interleave(torch.arange(n, device=dev), bh, output_size=R)
+    ry = y0.index_select(0, rg) + (torch.arange(R, device=dev)
+                                   - (torch.cumsum(bh, 0) - bh).index_select(0, rg))
+    # Row-level quantities (same rounding as the reference's dense version).
+    dy = (ry.to(dt) + 0.5) - my.index_select(0, rg)
+    ar, br, cr = a.index_select(0, rg), b.index_select(0, rg), c.index_select(0, rg)
+    bdy = br * dy
+    cdy2 = cr * dy * dy
+    # 0.5 a dx^2 + bdy dx + 0.5 cdy2 - lim <= 0  ->  dx in centre +- half
+    lr = lim.index_select(0, rg)
+    disc = bdy * bdy - ar * (cdy2 - 2.0 * lr)
+    disc = disc + 1e-4 * (bdy * bdy + ar * (cdy2 + 2.0 * lr))
+    half = disc.clamp_min(0).sqrt() / ar + 1e-4
+    centre = -bdy / ar + mx.index_select(0, rg) - 0.5
+    x0 = torch.ceil(centre - half).clamp(0, width).long()
+    x1 = torch.floor(centre + half).clamp(-1, width - 1).long()
+    lens = torch.where(disc >= 0, (x1 - x0 + 1).clamp_min(0), torch.zeros_like(x0))
+    M = int(lens.sum())
+    rid = torch.repeat_interleave(torch.arange(R, device=dev), lens, output_size=M)
+    local = torch.arange(M, device=dev) - (torch.cumsum(lens, 0) - lens).index_select(0, rid)
+    px = x0.index_select(0, rid) + local
+    pix = (ry * width + x0).index_select(0, rid) + local
+    mxr = mx.index_select(0, rg)
+    dx = (px.to(dt) + 0.5) - mxr.index_select(0, rid)
+    sigma = sigma_of(ar.index_select(0, rid), dx, cdy2.index_select(0, rid),
+                     bdy.index_select(0, rid))
+    vis = op.index_select(0, rg).index_select(0, rid) * torch.exp(-sigma)
+    keep = (vis >= ALPHA_THRESHOLD) & (sigma >= 0)
+    return rid, rg, pix, dx, dy, vis, keep
 
 
 class _Composite(torch.autograd.Function):
-    """Front-to-back alpha compositing of depth-sorted, visible Gaussians."""
+    """Front-to-back alpha compositing.
+
+    Inputs are full-size (all N Gaussians); ``order`` lists the visible ones
+    front to back.  Gradients come back full-size (zero for culled ones), so
+    no [N, C] gather/scatter is needed around the call.
+    """
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, features, background, width, height):
+    def forward(ctx, means2d, conics, opacities, features, background, order, width, height):
         P = width * height
-        C = features.shape[1]
+        N, C = features.shape
         dt = features.dtype
-        pix, gid, dx, dy, vis, alpha = _pairs(means2d, conics, opacities, width, height)
-        # Transmittance via a segmented cumsum of log(1 - alpha), in float64
-        # so the global running sum does not lose the per-pixel differences.
+        dev = features.device
+        m = means2d.index_select(0, order)
+        con = conics.index_select(0, order)
+        op_s = opacities.index_select(0, order)
+        rid, rg, pix, dx, dy_row, vis, keep = _scanline_pairs(
+            m[:, 0], m[:, 1], con[:, 0], con[:, 1], con[:, 2], op_s, width, height)
+
+        # Stable radix sort by pixel; rejected pairs get key P and sink to the end.
+        key = torch.where(keep, pix, torch.full_like(pix, P)).to(torch.int32)
+        perm = torch.sort(key, stable=True).indices[: int(keep.sum())]
+        pix = pix.index_select(0, perm)
+        alpha = vis.index_select(0, perm).clamp_max(MAX_ALPHA)
+
+        # Segmented cumsum of log(1 - alpha) -> transmittance after each pair.
         log1m = torch.log1p(-alpha.double())
         csum = torch.cumsum(log1m, 0)
         counts = torch.bincount(pix, minlength=P)
-        base = _exclusive_segment_base(csum, counts)
+        base = torch.cat([csum.new_zeros(1), csum])[torch.cumsum(counts, 0) - counts]
         log_t_after = csum - base.index_select(0, pix)
         used = (log_t_after > _LOG_T_MIN).nonzero().squeeze(1)
-        pix, gid = pix.index_select(0, used), gid.index_select(0, used)
-        dx, dy = dx.index_select(0, used), dy.index_select(0, used)
-        vis, alpha = vis.index_select(0, used), alpha.index_select(0, used)
+
+        pix = pix.index_select(0, used)
+        src = perm.index_select(0, used)  # index into the candidate arrays
+        alpha = alpha.index_select(0, used)
         log1m = log1m.index_select(0, used)
-        t_before = torch.exp(log_t_after.index_select(0, used) - log1m)
-        w = alpha * t_before.to(dt)
-        log_t_final = torch.zeros(P, dtype=torch.float64, device=pix.device).index_add_(0, pix, log1m)
+        t_before = torch.exp(log_t_after.index_select(0, used) - log1m).to(dt)
+        w = alpha * t_before
+        row = rid.index_select(0, src)
+        gpos = rg.index_select(0, row)  # depth-sorted position
+        gid = order.index_select(0, gpos)  # original Gaussian id
+        counts = torch.bincount(pix, minlength=P)
+        log_t_final = torch.zeros(P, dtype=torch.float64, device=dev).index_add_(0, pix, log1m)
         t_final = torch.exp(log_t_final).to(dt)
 
-        image = torch.zeros(P, C, dtype=dt, device=features.device)
-        image.index_add_(0, pix, features.index_select(0, gid) * w[:, None])
-        image += t_final[:, None] * background
+        W = _csr(counts, gid, w, P, N)
+        image = (W @ features) + t_final[:, None] * background
         alpha_img = 1.0 - t_final
 
-        ctx.save_for_backward(conics, opacities, features, background, pix, gid, dx, dy,
-                              vis, alpha, t_before, w, t_final)
+        ctx.save_for_backward(conics, opacities, features, background, pix, gid, counts,
+                              dx.index_select(0, src), dy_row.index_select(0, row),
+                              vis.index_select(0, src), alpha, t_before, w, t_final)
+        ctx.dims = (width, height)
         return image.reshape(height, width, C), alpha_img.reshape(height, width)
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (conics, opacities, features, background, pix, gid, dx, dy,
+        (conics, opacities, features, background, pix, gid, counts, dx, dy,
          vis, alpha, t_before, w, t_final) = ctx.saved_tensors
-        n, C = features.shape
-        dt = features.dtype
+        N, C = features.shape
         P = t_final.shape[0]
-        G = g_image.reshape(P, C) if g_image is not None else features.new_zeros(P, C)
+        dt, dev = features.dtype, features.device
+        G = (g_image.reshape(P, C).contiguous() if g_image is not None
+             else features.new_zeros(P, C))
         gA = g_alpha.reshape(P) if g_alpha is not None else features.new_zeros(P)
 
-        Gp = G.index_select(0, pix)
-        Fg = features.index_select(0, gid)
-        c = (Gp * Fg).sum(1)  # dL/dw per pair
-        g_features = torch.zeros_like(features).index_add_(0, gid, Gp * w[:, None])
-        del Gp, Fg
+        # c_k = dL/dw_k = <G[pix_k], F[gid_k]> as a sampled dense-dense product.
+        pattern = _csr(counts, gid, w, P, N)
+        c = torch.sparse.sampled_addmm(pattern, G, features.t(), beta=0.0).values()
+        # dL/dF = W^T G, with W^T built gid-major (stable sort keeps pixels sorted).
+        gperm = torch.sort(gid.to(torch.int32), stable=True).indices
+        WT = _csr(torch.bincount(gid, minlength=N), pix.index_select(0, gperm),
+                  w.index_select(0, gperm), N, P)
+        g_features = WT @ G
         g_background = (t_final[:, None] * G).sum(0)
 
         # dL/dalpha_k = T_k c_k - (sum_{j>k} w_j c_j + T_final (G.bg - gA)) / (1 - alpha_k)
         v = (w * c).double()
         vsum = torch.cumsum(v, 0)
-        counts = torch.bincount(pix, minlength=P)
-        seg_end = torch.cat([vsum.new_zeros(1), vsum])[torch.cumsum(counts, 0)]
-        suffix = seg_end.index_select(0, pix) - vsum
-        bg_term = (t_final * ((G * background).sum(1) - gA)).double()
+        seg_last = torch.cat([vsum.new_zeros(1), vsum])[torch.cumsum(counts, 0)]
+        suffix = seg_last.index_select(0, pix) - vsum
+        bg_term = (t_final * (G @ background - gA)).double()
         rest = (suffix + bg_term.index_select(0, pix)).to(dt)
-        g_alpha_pair = t_before.to(dt) * c - rest / (1.0 - alpha)
-        # alpha = min(MAX_ALPHA, vis); vis = op * exp(-sigma)
+        g_alpha_pair = t_before * c - rest / (1.0 - alpha)
+        # alpha = min(MAX_ALPHA, vis), vis = op exp(-sigma)
         g_vis = torch.where(vis < MAX_ALPHA, g_alpha_pair, torch.zeros_like(g_alpha_pair))
-        g_sigma = -g_vis * vis
-        a_, b_, c_ = conics.index_select(0, gid).unbind(1)
-        per = torch.stack([
-            -g_sigma * (a_ * dx + b_ * dy),  # d/d mean x  (dx = px - mx)
-            -g_sigma * (b_ * dx + c_ * dy),  # d/d mean y
-            0.5 * g_sigma * dx * dx,  # d/d conic a
-            g_sigma * dx * dy,  # d/d conic b
-            0.5 * g_sigma * dy * dy,  # d/d conic c
-            g_vis * vis / opacities.index_select(0, gid),  # d/d opacity
-        ], 1)
-        acc = torch.zeros(n, 6, dtype=dt, device=features.device).index_add_(0, gid, per)
-        return (acc[:, 0:2], acc[:, 2:5], acc[:, 5], g_features, g_background, None, None)
+        g_sig = g_vis * vis  # = -dL/dsigma
+        a = conics[:, 0].index_select(0, gid)
+        b = conics[:, 1].index_select(0, gid)
+        cc = conics[:, 2].index_select(0, gid)
+        gdx, gdy = g_sig * dx, g_sig * dy
+
+        def acc(vals: Tensor) -> Tensor:
+            return torch.zeros(N, dtype=dt, device=dev).index_add_(0, gid, vals)
+
+        # sigma = 0.5(a dx^2 + c dy^2) + b dx dy with dx = px + 0.5 - mx
+        g_mx = acc(a * gdx + b * gdy)
+        g_my = acc(b * gdx + cc * gdy)
+        g_a = acc(-0.5 * gdx * dx)
+        g_b = acc(-gdx * dy)
+        g_c = acc(-0.5 * gdy * dy)
+        g_op = acc(g_vis * vis) / opacities.clamp_min(1e-30)
+        return (torch.stack([g_mx, g_my], 1), torch.stack([g_a, g_b, g_c], 1), g_op,
+                g_features, g_background, None, None, None)
 
 
 def composite_cpu(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
-                  background: Tensor, width: int, height: int) -> tuple[Tensor, Tensor]:
-    """Image [H,W,C] and alpha [H,W] of Gaussians already sorted front to back."""
-    return _Composite.apply(means2d, conics, opacities, features, background, width, height)
+                  background: Tensor, order: Tensor, width: int, height: int
+                  ) -> tuple[Tensor, Tensor]:
+    """Image [H,W,C] and alpha [H,W]; ``order`` = visible ids, front to back."""
+    return _Composite.apply(means2d, conics, opacities, features, background, order,
+                            width, height)

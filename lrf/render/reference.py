@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .cpu import sigma_of
 from .project import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
 
 _LOG_T_MIN = math.log(TRANSMITTANCE_THRESHOLD)
@@ -25,7 +26,7 @@ def _composite_chunk(pix_xy: Tensor, means2d: Tensor, conics: Tensor, opacities:
     dx = pix_xy[:, 0:1] - means2d[None, :, 0]
     dy = pix_xy[:, 1:2] - means2d[None, :, 1]
     a, b, c = conics[:, 0], conics[:, 1], conics[:, 2]
-    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    sigma = sigma_of(a, dx, c * dy * dy, b * dy)  # 0.5 (a dx^2 + c dy^2) + b dx dy
     alpha = (opacities * torch.exp(-sigma)).clamp_max(MAX_ALPHA)
     with torch.no_grad():
         valid = (alpha >= ALPHA_THRESHOLD) & (sigma >= 0)

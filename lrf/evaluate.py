@@ -1,0 +1,126 @@
+"""Held-out evaluation: render each test view, decode latents, score against the photo.
+
+Three kinds share one code path so their numbers are comparable:
+- `latent`: a latent field rendered at 1/8 resolution, decoded by the VAE;
+- `rgb`: an RGB field rendered at the working resolution (the RGB-3DGS baseline);
+- `ceiling`: no field, decode(encode(photo)) (the VAE's own limit).
+
+    python -m lrf.evaluate --scene results/D/S/sfm/scene.json --kind latent --method vanilla \
+        --field results/D/S/fields/vanilla/field.safetensors --vae '{...}' --weights-dir W --out results/D/S/eval/vanilla
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrf.io import atomic_write_json
+from lrf.scene.images import save_png
+from lrf.scene.model import Scene
+
+
+def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
+    """The background the field was fitted with (stored beside it), so renders match training."""
+    meta_path = field_path.with_suffix(".json")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        bg = meta.get("background_value")
+        if bg is not None:
+            return torch.tensor(bg, dtype=torch.float32)
+    return None
+
+
+@torch.no_grad()
+def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, background=None,
+             lpips_nets: dict | None = None, backend: str = "auto", save_renders: bool = True) -> dict:
+    from lrf.metrics import psnr, ssim
+
+    out_dir = Path(out_dir)
+    views = []
+    for i in scene.test:
+        cam = scene.cameras[i]
+        photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
+        t0 = time.perf_counter()
+        if kind == "ceiling":
+            pred = vae.decode(vae.encode(photo))
+        elif kind == "latent":
+            s = 1.0 / vae.downscale
+            K = cam.K.copy()
+            K[:2] *= s
+            out = field.render(cam.w2c, K, cam.width // vae.downscale, cam.height // vae.downscale, background, backend)
+            render_ms = (time.perf_counter() - t0) * 1e3
+            pred = vae.decode(out.image.permute(2, 0, 1)[None])
+        elif kind == "rgb":
+            out = field.render(cam.w2c, cam.K, cam.width, cam.height, background, backend)
+            render_ms = (time.perf_counter() - t0) * 1e3
+            pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        total_ms = (time.perf_counter() - t0) * 1e3
+        pred = pred.clamp(0, 1).float()
+        row = {"view": cam.name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo),
+               "render_ms": None if kind == "ceiling" else render_ms, "total_ms": total_ms}
+        for net, model in (lpips_nets or {}).items():
+            row[f"lpips_{net}"] = float(model(pred, photo).mean())
+        views.append(row)
+        if save_renders:
+            save_png(out_dir / "renders" / (Path(cam.name.replace("/", "__")).stem + ".png"),
+                     pred[0].permute(1, 2, 0).numpy())
+    keys = [k for k in views[0] if k != "view" and views[0][k] is not None] if views else []
+    mean = {k: float(np.mean([v[k] for v in views])) for k in keys}
+    return {"scene": scene.key, "views": len(views), "mean": mean, "per_view": views}
+
+
+def main(argv=None) -> int:
+    from lrf.cli import InputError, run_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scene", required=True, type=Path)
+    ap.add_argument("--kind", required=True, choices=["latent", "rgb", "ceiling"])
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--field", type=Path, default=None)
+    ap.add_argument("--vae", default=None, help="JSON spec (latent and ceiling kinds)")
+    ap.add_argument("--weights-dir", type=Path, required=True)
+    ap.add_argument("--lpips", default="alex,vgg")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    def go():
+        from lrf.metrics import LPIPS
+        from lrf.vaecfg import load_vae
+
+        torch.manual_seed(0)
+        torch.set_num_threads(args.threads)
+        scene = Scene.load(args.scene)
+        if not scene.test:
+            raise InputError(f"{scene.key}: {args.scene}: no test views")
+        vae = load_vae(json.loads(args.vae), args.weights_dir) if args.kind != "rgb" else None
+        field, bg, fit_info = None, None, {}
+        if args.kind != "ceiling":
+            from lrf.field import load_field
+
+            field = load_field(args.field)
+            bg = field_background(args.field, field.channels)
+            meta_path = args.field.with_suffix(".json")
+            if meta_path.exists():
+                m = json.loads(meta_path.read_text())
+                fit_info = {k: m.get(k) for k in ("seconds", "steps", "num_gaussians", "final_loss") if k in m}
+        nets = {n: LPIPS(n, Path(args.weights_dir) / "lpips") for n in args.lpips.split(",") if n}
+        res = evaluate(scene, args.kind, args.out, vae, field, bg, nets)
+        res.update({"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name,
+                    "fit": fit_info, "width": scene.cameras[0].width, "height": scene.cameras[0].height})
+        atomic_write_json(args.out / "metrics.json", res)
+        m = res["mean"]
+        return (f"{scene.key}: {args.method}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} "
+                + " ".join(f"LPIPS-{n} {m['lpips_' + n]:.3f}" for n in nets) + f" over {res['views']} test views")
+
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Shared fixtures for the scene / SfM / workflow tests.
+
+The real scenes live read-only in the shared folder ($LRF_SHARED, default <repo>/../shared).
+Tests that need them skip when it is missing. Tests never write there: anything they corrupt
+is a copy under tmp_path (`copy_scene`).
+
+Expensive steps (prepare + SIFT + triangulation of a few real images) are cached for the
+session in `given_runs`, so test_loaders_geometry.py and test_sfm.py share them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_path() -> Path:
+    env = os.environ.get("LRF_SHARED")
+    return Path(env).resolve() if env else (Path(__file__).parents[1] / ".." / "shared").resolve()
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    p = _shared_path()
+    if not p.is_dir():
+        pytest.skip(f"shared folder not found at {p} (set LRF_SHARED)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_dir) -> Path:
+    p = shared_dir / "data"
+    if not p.is_dir():
+        pytest.skip(f"shared scenes not found at {p}")
+    return p
+
+
+# --------------------------------------------------------------------------- copies to corrupt
+def _copy_scene(src: Path, dst: Path, image_dir: str | None = None, keep=None) -> Path:
+    """Copy a shared scene's camera files and (a subset of) one image folder into dst.
+
+    image_dir: the image sub-folder to copy ("images_8", "images", ...); None copies every
+    folder whose name starts with "images" plus the NeRF split folders.
+    keep: None (all images), an int (the first k by sorted name) or a list of file names.
+    LLFF `poses_bounds.npy` is cut to the kept rows (its rows follow sorted image names), so the
+    copy stays a valid scene until a test breaks it on purpose.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    img_dirs = [image_dir] if image_dir else [p.name for p in src.iterdir()
+                                              if p.is_dir() and (p.name.startswith("images") or p.name in ("train", "test"))]
+    kept_rows = None
+    for d in img_dirs:
+        names = sorted(p.name for p in (src / d).iterdir() if p.is_file())
+        if keep is None:
+            chosen = names
+        elif isinstance(keep, int):
+            chosen = names[:keep]
+        else:
+            chosen = [n for n in names if n in set(keep)]
+        kept_rows = [names.index(n) for n in chosen]
+        (dst / d).mkdir(parents=True, exist_ok=True)
+        for n in chosen:
+            shutil.copy2(src / d / n, dst / d / n)
+    for p in src.iterdir():  # camera files and camera folders (gt_dense_cameras), not masks/images
+        if p.is_file():
+            if p.name == "poses_bounds.npy" and keep is not None and kept_rows is not None:
+                np.save(dst / p.name, np.load(p)[kept_rows])
+            else:
+                shutil.copy2(p, dst / p.name)
+        elif p.is_dir() and p.name not in img_dirs and not p.name.startswith(("images", "masks")) \
+                and p.name not in ("train", "test", "val"):
+            shutil.copytree(p, dst / p.name)
+    return dst
+
+
+@pytest.fixture
+def copy_scene(data_dir, tmp_path):
+    """copy_scene("llff/fern", image_dir="images_8", keep=5, dst=None) -> path of a writable copy."""
+
+    def make(rel: str, image_dir: str | None = None, keep=None, dst: Path | None = None) -> Path:
+        return _copy_scene(data_dir / rel, dst or tmp_path / "scenes" / rel, image_dir, keep)
+
+    return make
+
+
+# --------------------------------------------------------------------------- subprocess helpers
+def lrf_env(shared: Path | None = None) -> dict:
+    """Environment for `python -m lrf...` and snakemake subprocesses."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "2")
+    if shared is not None:
+        env["LRF_SHARED"] = str(shared)
+    return env
+
+
+@pytest.fixture
+def run_lrf(shared_dir):
+    """run_lrf("prepare", "--format", ...) -> CompletedProcess of `python -m lrf.<step> ...`."""
+
+    def run(step: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"lrf.{step}", *map(str, args)], cwd=REPO,
+                              env=lrf_env(shared_dir), capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+# --------------------------------------------------------------------------- real scenes, small
+@dataclass(frozen=True)
+class Spec:
+    fmt: str
+    rel: str              # folder under data/
+    dataset: str
+    name: str
+    images: str | None    # image sub-folder
+    start: str | int      # first training camera of the contiguous run (name or index), or anchor
+    n: int
+    max_side: int
+    min_points: int       # about half of what correct poses give: wrong conventions fall below
+    near: bool = False    # pick the n training views nearest to `start` instead of a run
+
+
+GEOMETRY_SPECS = {
+    "fern": Spec("llff", "llff/fern", "llff", "fern", "images_8", 0, 7, 256, 120),
+    "lego": Spec("nerf", "nerf_synthetic/lego", "nerf_synthetic", "lego", None, "train/r_18.png", 7, 256, 100, near=True),
+    "fox": Spec("nerf", "instant-ngp/fox", "instant-ngp", "fox", None, 0, 6, 256, 150),
+    "herz-jesu": Spec("strecha", "strecha/herz-jesu-p25", "strecha", "herz-jesu-p25", "images_4", 0, 7, 256, 180),
+    "mary-rose": Spec("llff", "nerd/mary-rose", "nerd", "mary-rose", "images_4", 0, 7, 256, 120),
+    "statue": Spec("llff", "nerd/statue-of-liberty", "nerd", "statue-of-liberty", "images", "video2_0012.jpg", 8, 320, 55),
+}
+
+
+def select_cameras(scene, spec: Spec) -> list:
+    """Neighbouring training cameras: a contiguous run by sorted name, or the nearest views."""
+    cams = sorted((c for c in scene.cameras if c.split == "train"), key=lambda c: c.name)
+    names = [c.name for c in cams]
+    i0 = names.index(spec.start) if isinstance(spec.start, str) else spec.start
+    if not spec.near:
+        return cams[i0:i0 + spec.n]
+    C = np.stack([c.center for c in cams])
+    Z = np.stack([c.w2c[2, :3] for c in cams])
+    extent = np.linalg.norm(C - C.mean(0), axis=1).max()
+    score = np.linalg.norm(C - C[i0], axis=1) / extent + (1.0 - Z @ Z[i0])
+    return [cams[i] for i in sorted(np.argsort(score)[:spec.n])]
+
+
+def subset(scene, cameras):
+    from lrf.scene.model import Scene
+
+    return Scene(scene.dataset, scene.name, list(cameras), None, scene.root, dict(scene.meta))
+
+
+@dataclass
+class GivenRun:
+    spec: Spec
+    loaded: object        # Scene as the loader returned it (all cameras)
+    prepared: object      # prepared subset (working images)
+    result: object        # run_sfm result (with points)
+    stats: dict
+    out: Path             # run_sfm's out_dir
+
+
+@pytest.fixture(scope="session")
+def given_runs(data_dir, tmp_path_factory):
+    """given_runs(key) -> GivenRun: load, pick neighbours, prepare small, triangulate with given poses."""
+    from lrf.scene.loaders import load_scene
+    from lrf.scene.prepare import prepare_scene
+    from lrf.sfm import run_sfm
+
+    cache: dict[str, GivenRun] = {}
+
+    def get(key: str) -> GivenRun:
+        if key not in cache:
+            spec = GEOMETRY_SPECS[key]
+            scene = load_scene(spec.fmt, data_dir / spec.rel, spec.dataset, spec.name, spec.images)
+            base = tmp_path_factory.mktemp(f"given-{key}")
+            prepared = prepare_scene(subset(scene, select_cameras(scene, spec)), base / "prepared",
+                                     max_side=spec.max_side)
+            prepared.save(base / "prepared" / "scene.json")
+            result, stats = run_sfm(prepared, base / "sfm", poses="given", max_features=2048)
+            cache[key] = GivenRun(spec, scene, prepared, result, stats, base / "sfm")
+        return cache[key]
+
+    return get

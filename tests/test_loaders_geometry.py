@@ -1,0 +1,150 @@
+"""The geometric test of every convention conversion.
+
+For each shared scene, the loader's OpenCV world-to-camera cameras are handed to COLMAP as
+*fixed* poses: SIFT matches are triangulated with them and must reproject onto the features
+within a pixel or so. A wrong axis flip, a transposed rotation or a mis-scaled K leaves few
+points with large errors, which the negative controls below demonstrate on the same images.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import GEOMETRY_SPECS
+from lrf.scene.loaders import load_scene, read_strecha_camera
+from lrf.scene.model import Scene, SceneError
+from lrf.sfm import run_sfm
+
+MAX_MEAN_REPROJ_PX = 1.5
+
+
+def geometry_ok(stats: dict, min_points: int) -> bool:
+    """The acceptance rule of the positive test, shared with the negative controls."""
+    return stats["points"] >= min_points and stats["mean_reprojection_error_px"] < MAX_MEAN_REPROJ_PX
+
+
+@pytest.mark.parametrize("key", list(GEOMETRY_SPECS))
+def test_given_poses_triangulate_onto_features(key, given_runs):
+    run = given_runs(key)
+    st, spec = run.stats, run.spec
+    assert st["images"] == st["registered"] == spec.n
+    for c in run.prepared.cameras:
+        assert c.width % 8 == 0 and c.height % 8 == 0 and max(c.width, c.height) <= spec.max_side
+        assert c.distortion is None
+    assert st["points"] >= spec.min_points, st
+    assert st["mean_reprojection_error_px"] < MAX_MEAN_REPROJ_PX, st
+    assert st["mean_track_length"] >= 2.5, st
+    # our own projection (Camera.project, pixel centres at +0.5) agrees with COLMAP's number
+    assert abs(st["mean_reprojection_error_px"] - st["colmap_mean_reprojection_error_px"]) < 0.25
+    # the points lie in front of the cameras that observe them
+    p = run.result.points
+    for i, cam in enumerate(run.result.cameras):
+        m = p.track_image == i
+        _, z = cam.project(p.xyz[p.track_point[m]])
+        assert (z > 0).all()
+
+
+def _corrupt(scene: Scene, how: str) -> Scene:
+    cams = []
+    for c in scene.cameras:
+        R, C = c.w2c[:3, :3], c.center
+        if how == "transpose":          # camera-to-world rotation stored as world-to-camera
+            Rn = R.T
+        elif how == "opengl":           # OpenGL axes (y up, z back) taken for OpenCV ones
+            Rn = np.diag([1.0, -1.0, -1.0]) @ R
+        else:
+            raise ValueError(how)
+        w2c = np.eye(4)
+        w2c[:3, :3] = Rn
+        w2c[:3, 3] = -Rn @ C
+        cams.append(replace(c, w2c=w2c))
+    return Scene(scene.dataset, scene.name, cams, None, scene.root, dict(scene.meta))
+
+
+@pytest.mark.parametrize("key,how", [("fern", "transpose"), ("herz-jesu", "opengl"), ("herz-jesu", "transpose")])
+def test_wrong_convention_fails_the_same_check(key, how, given_runs, tmp_path):
+    """Negative control: the geometric test above would catch a convention error."""
+    run = given_runs(key)
+    good = run.stats
+    assert geometry_ok(good, run.spec.min_points)
+    bad_scene = _corrupt(run.prepared, how)
+    try:
+        _, bad = run_sfm(bad_scene, tmp_path / "sfm", poses="given", max_features=2048)
+    except SceneError as e:  # nothing triangulates at all: the strongest failure
+        assert "no 3D points" in str(e)
+        return
+    assert not geometry_ok(bad, run.spec.min_points), (good, bad)
+    assert bad["points"] < 0.6 * good["points"] or bad["mean_reprojection_error_px"] > 3 * good["mean_reprojection_error_px"]
+
+
+# --------------------------------------------------------------------------- loader unit checks
+def test_fox_warns_about_missing_frames(data_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="lrf.scene"):
+        scene = load_scene("nerf", data_dir / "instant-ngp/fox", "instant-ngp", "fox")
+    assert len(scene.cameras) == 50
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("17 of 67" in m and "transforms.json" in m and "0005.jpg" in m for m in msgs), msgs
+    c = scene.cameras[0]
+    assert c.distortion is not None and c.distortion[0] == "OPENCV"
+    assert c.distortion[1][4:] == pytest.approx([0.0578421, -0.0805099, -0.000980296, 0.00015575])
+    assert c.K[0, 0] == pytest.approx(1375.52) and c.K[0, 2] == pytest.approx(554.558)
+
+
+def test_strecha_world_to_camera_is_RT_X_minus_C(data_dir):
+    root = data_dir / "strecha/herz-jesu-p25"
+    scene = load_scene("strecha", root, "strecha", "herz-jesu-p25", "images_4")
+    assert len(scene.cameras) == 25 and scene.meta["ground_truth"]
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5, 3)) * 3
+    for cam in scene.cameras[:4]:
+        K, R, C, (w, h) = read_strecha_camera(root / "gt_dense_cameras" / f"{cam.name}.camera", "t")
+        assert (w, h) == (3072, 2048) and (cam.width, cam.height) == (768, 512)
+        expected = (X - C) @ R  # rows of R^T (X - C)
+        got = X @ cam.w2c[:3, :3].T + cam.w2c[:3, 3]
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+        np.testing.assert_allclose(cam.center, C, atol=1e-9)
+        np.testing.assert_allclose(cam.K, np.diag([768 / 3072, 768 / 3072, 1.0]) @ K, atol=1e-12)
+        assert np.linalg.det(cam.w2c[:3, :3]) == pytest.approx(1.0, abs=1e-4)
+    # the first file's values, by hand
+    c0 = scene.cameras[0]
+    assert c0.K[0, 0] == pytest.approx(2759.48 / 4) and c0.K[1, 2] == pytest.approx(1006.81 / 4)
+
+
+def test_llff_rotation_columns(data_dir):
+    root = data_dir / "llff/fern"
+    pb = np.load(root / "poses_bounds.npy")
+    scene = load_scene("llff", root, "llff", "fern", "images_8")
+    for row, cam in zip(pb[:3], scene.cameras[:3]):
+        m = row[:15].reshape(3, 5)
+        c2w = cam.c2w
+        np.testing.assert_allclose(c2w[:3, 0], m[:, 1], atol=1e-9)   # right
+        np.testing.assert_allclose(c2w[:3, 1], m[:, 0], atol=1e-9)   # down
+        np.testing.assert_allclose(c2w[:3, 2], -m[:, 2], atol=1e-9)  # forward
+        np.testing.assert_allclose(c2w[:3, 3], m[:, 3], atol=1e-9)
+        h, w, f = m[:, 4]
+        assert cam.K[0, 0] == pytest.approx(f * 504 / w)
+        assert (cam.K[0, 2], cam.K[1, 2]) == (252.0, 189.0)
+    assert scene.meta["bounds"][0] == pytest.approx(pb[0, 15:].tolist())
+
+
+def test_nerf_opengl_to_opencv(data_dir):
+    import json
+
+    root = data_dir / "nerf_synthetic/lego"
+    doc = json.loads((root / "transforms_train.json").read_text())
+    scene = load_scene("nerf", root, "nerf_synthetic", "lego")
+    by = {c.name: c for c in scene.cameras}
+    fr = doc["frames"][0]
+    cam = by["train/" + fr["file_path"].split("/")[-1] + ".png"]
+    M = np.asarray(fr["transform_matrix"])
+    np.testing.assert_allclose(cam.c2w[:3, 0], M[:3, 0], atol=1e-9)
+    np.testing.assert_allclose(cam.c2w[:3, 1], -M[:3, 1], atol=1e-9)
+    np.testing.assert_allclose(cam.c2w[:3, 2], -M[:3, 2], atol=1e-9)
+    np.testing.assert_allclose(cam.center, M[:3, 3], atol=1e-9)
+    # the object at the origin is in front of the camera, near the image centre
+    uv, z = cam.project(np.zeros((1, 3)))
+    assert z[0] > 0 and np.linalg.norm(uv[0] - [200, 200]) < 40
+    assert cam.K[0, 0] == pytest.approx(0.5 * 400 / np.tan(0.5 * doc["camera_angle_x"]))
