@@ -10,6 +10,9 @@ include: "workflow/rules/download.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/sfm.smk"
 include: "workflow/rules/correspondences.smk"
+include: "workflow/rules/encode.smk"
+include: "workflow/rules/fit_field.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -17,3 +20,4 @@ rule all:
     input:
         expand_scenes("results/{dataset}/{scene}/sfm/stats.json"),
         expand_scenes("results/{dataset}/{scene}/correspondences/summary.json"),
+        [expand_scenes("results/{dataset}/{scene}/eval/{method}/metrics.json", method=m) for m in config["methods"]],

@@ -53,7 +53,7 @@ def mine(scene: Scene, max_reproj_px: float = 2.0, min_track: int = 2, max_per_p
     for s, e in zip(starts, ends):
         a, b = np.triu_indices(e - s, k=1)
         rows_a.append(a + s); rows_b.append(b + s)
-    if not rows_a:
+    if sum(len(r) for r in rows_a) == 0:  # no point kept two views (rows_a holds one empty group then)
         raise SceneError(scene.key, "points.npz", "no correspondences survive the filters "
                                                   f"(max reprojection {max_reproj_px} px, min track {min_track})")
     a, b = np.concatenate(rows_a), np.concatenate(rows_b)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lrf.vae.base import WeightsError
+from lrf.vae.base import WeightsError, describe_error
 
 __all__ = ["psnr", "ssim", "LPIPS", "default_lpips_dir"]
 
@@ -72,10 +72,7 @@ def _load_backbone(kind: str, path: Path) -> dict[str, Tensor]:
 
         return load_file(str(path))
     except Exception as exc:  # truncated / not safetensors
-        lines = str(exc).strip().splitlines()
-        raise WeightsError(
-            kind, path, f"cannot be read as safetensors ({type(exc).__name__}: {lines[0] if lines else ''})"
-        ) from None
+        raise WeightsError(kind, path, f"cannot be read as safetensors ({describe_error(exc)})") from None
 
 
 class LPIPS(nn.Module):

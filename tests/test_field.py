@@ -1,8 +1,8 @@
 """lrf.field: SH, losses, densification bookkeeping, fitting, exact resume, PLY, orbits."""
 from __future__ import annotations
 
+import json
 import math
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -126,6 +126,8 @@ def test_d_ssim_and_field_loss():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 20, 18, generator=g)
     assert float(d_ssim(x, x.clone())) == pytest.approx(0.0, abs=1e-6)
+    z = x + 0.3 * torch.randn(7, 20, 18, generator=g)
+    assert float(d_ssim(x, z, matmul=True)) == pytest.approx(float(d_ssim(x, z, matmul=False)), abs=1e-5)
     y = (x + 0.5 * torch.randn(7, 20, 18, generator=g)).requires_grad_()
     v = d_ssim(y, x, data_range=4.0)
     v.backward()
@@ -269,6 +271,9 @@ def test_fit_lowers_loss(tmp_path):
     f2 = load_field(tmp_path / "field.safetensors")
     for k in f2.params.keys():
         assert torch.equal(f2.params[k], res.field.params[k])
+    meta = json.loads((tmp_path / "field.json").read_text())
+    assert meta["num_gaussians"] == len(res.field) and meta["channels"] == C and meta["final_loss"] == res.final_loss
+    assert meta["background_value"] is None and len(meta["channel_norm"]["mean"]) == C
     lines = (tmp_path / "train_log.csv").read_text().splitlines()
     assert lines[0] == "step,loss,n_gaussians,seconds" and len(lines) == 1 + 3
 
@@ -313,6 +318,24 @@ def test_corrupt_checkpoint_is_ignored(tmp_path):
         res = fit_field(scene, targets, _cfg(iterations=12, checkpoint_every=5, eval_loss=False, seed=4),
                         tmp_path / "c", progress=False)
     assert res.resumed_from is None
+
+
+def test_targets_below_camera_resolution_and_random_init(tmp_path):
+    """Cameras at 2x the target resolution: K and tracks are rescaled exactly, so the fit is
+    bit-identical to one with cameras at the target resolution."""
+    scene, targets, _ = _scene(n_pts=20)
+    pts = scene.points
+    big = Scene("synthetic", "big", [c.scaled(2.0) for c in scene.cameras],
+                Points(pts.xyz, pts.rgb, pts.error, pts.ids, pts.track_point, pts.track_image, pts.track_xy * 2))
+    cfg = _cfg(iterations=8, eval_loss=False)
+    a = fit_field(scene, targets, cfg, tmp_path / "a", progress=False)
+    b = fit_field(big, targets, cfg, tmp_path / "b", progress=False)
+    for k in a.field.params.keys():
+        assert torch.equal(a.field.params[k], b.field.params[k]), k
+    nopts = Scene("synthetic", "nopts", scene.cameras, None)
+    with pytest.warns(RuntimeWarning, match="random init"):
+        r = fit_field(nopts, targets, _cfg(iterations=3, random_init_n=50), tmp_path / "r", progress=False)
+    assert len(r.field) == 50 and np.isfinite(r.final_loss)
 
 
 # ---------------------------------------------------------------- PLY, orbit, video

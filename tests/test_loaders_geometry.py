@@ -105,7 +105,7 @@ def test_strecha_world_to_camera_is_RT_X_minus_C(data_dir):
         expected = (X - C) @ R  # rows of R^T (X - C)
         got = X @ cam.w2c[:3, :3].T + cam.w2c[:3, 3]
         np.testing.assert_allclose(got, expected, atol=1e-9)
-        np.testing.assert_allclose(cam.center, C, atol=1e-9)
+        np.testing.assert_allclose(cam.center, C, atol=1e-4)  # file R is orthonormal to ~6 digits
         np.testing.assert_allclose(cam.K, np.diag([768 / 3072, 768 / 3072, 1.0]) @ K, atol=1e-12)
         assert np.linalg.det(cam.w2c[:3, :3]) == pytest.approx(1.0, abs=1e-4)
     # the first file's values, by hand
@@ -139,11 +139,11 @@ def test_nerf_opengl_to_opencv(data_dir):
     by = {c.name: c for c in scene.cameras}
     fr = doc["frames"][0]
     cam = by["train/" + fr["file_path"].split("/")[-1] + ".png"]
-    M = np.asarray(fr["transform_matrix"])
-    np.testing.assert_allclose(cam.c2w[:3, 0], M[:3, 0], atol=1e-9)
-    np.testing.assert_allclose(cam.c2w[:3, 1], -M[:3, 1], atol=1e-9)
-    np.testing.assert_allclose(cam.c2w[:3, 2], -M[:3, 2], atol=1e-9)
-    np.testing.assert_allclose(cam.center, M[:3, 3], atol=1e-9)
+    M = np.asarray(fr["transform_matrix"])  # float32 values: c2w -> w2c -> c2w loses ~1e-6
+    np.testing.assert_allclose(cam.c2w[:3, 0], M[:3, 0], atol=1e-5)
+    np.testing.assert_allclose(cam.c2w[:3, 1], -M[:3, 1], atol=1e-5)
+    np.testing.assert_allclose(cam.c2w[:3, 2], -M[:3, 2], atol=1e-5)
+    np.testing.assert_allclose(cam.center, M[:3, 3], atol=1e-5)
     # the object at the origin is in front of the camera, near the image centre
     uv, z = cam.project(np.zeros((1, 3)))
     assert z[0] > 0 and np.linalg.norm(uv[0] - [200, 200]) < 40

@@ -423,7 +423,9 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     if completed:
         if cfg.eval_loss:
             final_loss = evaluate_loss(field, views, norm, cfg, background)
-        summary = {"config": asdict(cfg), "n_gaussians": field.num_gaussians, "channels": C,
+        summary = {"config": asdict(cfg), "n_gaussians": field.num_gaussians,
+                   "num_gaussians": field.num_gaussians, "channels": C,
+                   "background_value": None if background is None else background.detach().cpu().tolist(),
                    "sh_degree": field.sh_degree, "rgb_offset": field.rgb_offset,
                    "channel_norm": norm.to_dict(), "seconds": state["seconds"], "steps": step,
                    "initial_loss": state["initial_loss"], "final_loss": final_loss,

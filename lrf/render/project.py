@@ -23,7 +23,6 @@ number densification/pruning heuristics expect).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,18 +52,37 @@ class Projected:
     visible: Tensor  # [N] bool
 
 
+def _quat_basis(dtype, device) -> Tensor:
+    """[16, 9] map from the outer product q q^T to |q|^2 * R(q), row-major R.
+
+    Every entry of the rotation matrix of a unit quaternion is a homogeneous
+    quadratic in (w, x, y, z), so R(q) = (q q^T : B) / |q|^2 is one small GEMM
+    (CPU batched 3x3 matmuls are slow) and needs no separate normalisation.
+    """
+    B = torch.zeros(4, 4, 9, dtype=dtype, device=device)
+    w, x, y, z = range(4)
+
+    def put(e, terms):
+        for coef, i, j in terms:
+            B[i, j, e] += coef
+
+    put(0, [(1, w, w), (1, x, x), (-1, y, y), (-1, z, z)])
+    put(1, [(2, x, y), (-2, w, z)])
+    put(2, [(2, x, z), (2, w, y)])
+    put(3, [(2, x, y), (2, w, z)])
+    put(4, [(1, w, w), (-1, x, x), (1, y, y), (-1, z, z)])
+    put(5, [(2, y, z), (-2, w, x)])
+    put(6, [(2, x, z), (-2, w, y)])
+    put(7, [(2, y, z), (2, w, x)])
+    put(8, [(1, w, w), (-1, x, x), (-1, y, y), (1, z, z)])
+    return B.reshape(16, 9)
+
+
 def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """Rotation matrices [N,3,3] from (w,x,y,z) quaternions (normalised here)."""
-    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(q.shape[:-1] + (3, 3))
+    """Rotation matrices [N,3,3] from (w,x,y,z) quaternions of any norm."""
+    qq = (quats[:, :, None] * quats[:, None, :]).reshape(-1, 16)
+    R = qq @ _quat_basis(quats.dtype, quats.device)
+    return (R / (quats * quats).sum(-1, keepdim=True).clamp_min(1e-24)).reshape(-1, 3, 3)
 
 
 def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
@@ -108,16 +126,18 @@ def project_gaussians(
     tx = zs * torch.minimum(torch.maximum(x * rz, -lim_x_neg), lim_x_pos)
     ty = zs * torch.minimum(torch.maximum(y * rz, -lim_y_neg), lim_y_pos)
 
-    zero = torch.zeros_like(zs)
-    J = torch.stack(
-        [fx * rz, zero, -fx * tx * rz * rz, zero, fy * rz, -fy * ty * rz * rz], dim=-1
-    ).reshape(-1, 2, 3)
-    cov_c = R @ covariance_3d(quats, scales) @ R.T
-    JR = J @ cov_c
-    # Only the three distinct entries of J cov J^T.
-    s_xx = (JR[:, 0] * J[:, 0]).sum(-1) + eps2d
-    s_xy = (JR[:, 0] * J[:, 1]).sum(-1)
-    s_yy = (JR[:, 1] * J[:, 1]).sum(-1) + eps2d
+    # Sigma_2d = J Rv M M^T Rv^T J^T with M = R(q) diag(s): build T = J Rv M
+    # ([N,2,3]) with one GEMM and broadcasting instead of batched matmuls.
+    MT = quat_to_rotmat(quats).transpose(1, 2).contiguous() * scales[:, :, None]  # M^T
+    McT = MT @ R.T  # (Rv M)^T; contiguous [N,3,3] @ [3,3] folds into one GEMM
+    Mc0, Mc1, Mc2 = McT[:, :, 0], McT[:, :, 1], McT[:, :, 2]  # rows of Rv M
+    j02 = (-fx * tx * rz * rz)[:, None]
+    j12 = (-fy * ty * rz * rz)[:, None]
+    T0 = (fx * rz)[:, None] * Mc0 + j02 * Mc2
+    T1 = (fy * rz)[:, None] * Mc1 + j12 * Mc2
+    s_xx = (T0 * T0).sum(-1) + eps2d
+    s_xy = (T0 * T1).sum(-1)
+    s_yy = (T1 * T1).sum(-1) + eps2d
     det = s_xx * s_yy - s_xy * s_xy
 
     mx = fx * x * rz + cx
@@ -143,20 +163,3 @@ def project_gaussians(
     conics = torch.where(okf, conics, torch.zeros_like(conics))
     means2d = torch.where(okf, torch.stack([mx, my], dim=-1), torch.zeros_like(p[:, :2]))
     return Projected(means2d=means2d, conics=conics, depths=z, radii=radii, visible=ok)
-
-
-def alpha_extent(conics: Tensor, opacities: Tensor) -> tuple[Tensor, Tensor]:
-    """Half-widths (x, y) in pixels of the region where alpha >= 1/255.
-
-    The alpha = 1/255 level set is the ellipse d^T conic d = 2 ln(255 op);
-    its bounding box half-widths are sqrt(q * cov_xx) and sqrt(q * cov_yy).
-    """
-    a, b, c = conics.unbind(-1)
-    det = (a * c - b * b).clamp_min(1e-30)
-    q = 2.0 * torch.log(opacities.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)
-    return (q * c / det).clamp_min(0).sqrt(), (q * a / det).clamp_min(0).sqrt()
-
-
-def safe_log_threshold() -> float:
-    """log(T threshold), used by the compositors' cumulative-sum tests."""
-    return math.log(TRANSMITTANCE_THRESHOLD)

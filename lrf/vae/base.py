@@ -32,6 +32,15 @@ class WeightsError(ValueError):
         super().__init__(f"{kind}: {path}: {self.reason}")
 
 
+def describe_error(exc: BaseException, limit: int = 160) -> str:
+    """Exception type plus its first sentence, short enough for a one-line WeightsError."""
+    lines = str(exc).strip().splitlines()
+    text = (lines[0] if lines else "").split(". ")[0]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Autoencoder(nn.Module):
     """Image <-> latent autoencoder with a fixed 8x (by default) spatial downscale.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .base import DIFFUSERS_KINDS, Autoencoder, WeightsError
+from .base import DIFFUSERS_KINDS, Autoencoder, WeightsError, describe_error
 
 
 def _model_class(kind: str):
@@ -58,9 +58,9 @@ class DiffusersAutoencoder(Autoencoder):
             # low_cpu_mem_usage=False: a VAE is small, and it avoids the `accelerate` nag.
             model = model_cls.from_pretrained(src, low_cpu_mem_usage=False)
         except Exception as exc:  # missing config/weights, offline hub, shape mismatch, ...
-            lines = str(exc).strip().splitlines()
-            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-            raise WeightsError(kind, src, f"cannot load {model_cls.__name__} ({reason})") from None
+            raise WeightsError(
+                kind, src, f"cannot load {model_cls.__name__} ({describe_error(exc)})"
+            ) from None
         return cls(kind, model.float())
 
     # Only the parts each stage trains.  Properties (not submodules) so the parameters are

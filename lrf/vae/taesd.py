@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import TAESD_KINDS, Autoencoder, WeightsError
+from .base import TAESD_KINDS, Autoencoder, WeightsError, describe_error
 
 LATENT_CHANNELS = {"taesd": 4, "taef1": 16, "taef2": 32}
 WIDTH = 64
@@ -103,11 +103,6 @@ def make_decoder(latent_channels: int, mid_blocks: Iterable[int] = ()) -> nn.Seq
 # --------------------------------------------------------------------------------------
 # checkpoint reading
 # --------------------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def read_state_dict(kind: str, path: str | Path) -> dict[str, Tensor]:
     """Load a plain (fp16) state dict as float32, turning every failure into one WeightsError."""
     path = Path(path)
@@ -119,7 +114,7 @@ def read_state_dict(kind: str, path: str | Path) -> dict[str, Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle garbage, ...: all mean "unusable file"
         raise WeightsError(
-            kind, path, f"cannot be read as a torch checkpoint ({_first_line(exc)})"
+            kind, path, f"cannot be read as a torch checkpoint ({describe_error(exc)})"
         ) from None
     if not isinstance(sd, Mapping) or not sd:
         raise WeightsError(kind, path, f"expected a non-empty state dict, got {type(sd).__name__}")
@@ -199,13 +194,18 @@ class TinyAutoencoder(Autoencoder):
             raise WeightsError(kind, folder, "weights folder not found")
         enc_path = folder / f"{kind}_encoder.pth"
         dec_path = folder / f"{kind}_decoder.pth"
+        # Validate the encoder file completely before touching the decoder file, so the
+        # error names the first bad file.
         enc_sd = read_state_dict(kind, enc_path)
-        dec_sd = read_state_dict(kind, dec_path)
         c = _latent_channels_in(kind, enc_path, enc_sd.get("14.weight"), 0)
+        encoder = make_encoder(c, _mid_indices(enc_sd))
+        load_into(kind, enc_path, encoder, enc_sd)
+        dec_sd = read_state_dict(kind, dec_path)
         _latent_channels_in(kind, dec_path, dec_sd.get("1.weight"), 1)
-        model = cls(kind, c, _mid_indices(enc_sd), _mid_indices(dec_sd))
-        load_into(kind, enc_path, model.encoder, enc_sd)
-        load_into(kind, dec_path, model.decoder, dec_sd)
+        decoder = make_decoder(c, _mid_indices(dec_sd))
+        load_into(kind, dec_path, decoder, dec_sd)
+        model = cls(kind, c)
+        model.encoder, model.decoder = encoder, decoder
         return model
 
     def _encode(self, images: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 # Shared helpers: config validation, the scene sheet, paths, and the shell wrapper.
+import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -66,3 +68,30 @@ def opt(flag, value):
 def logged(cmd):
     """Run cmd with all its output in {log}; on failure repeat its one-line ERROR to the terminal."""
     return (cmd + " > {log} 2>&1 || {{ status=$?; grep -h '^ERROR' {log} >&2 || tail -n 5 {log} >&2; exit $status; }}")
+
+
+sys.path.insert(0, str(Path(workflow.basedir)))
+from lrf.methods import METHODS, field_name, latent_variant  # noqa: E402
+
+VAE = config["vae"]
+TUNED_ENCODER = f"results/vae/{VAE['name']}/stage1/encoder.safetensors"
+TUNED_DECODER = f"results/vae/{VAE['name']}/stage3/decoder.safetensors"
+
+
+def vae_spec(encoder=False, decoder=False):
+    """JSON for lrf.vaecfg.load_vae; fine-tuned parts are file paths produced by the workflow."""
+    spec = {"kind": VAE["kind"], "source": VAE["source"]}
+    if encoder:
+        spec["encoder"] = TUNED_ENCODER
+    if decoder:
+        spec["decoder"] = TUNED_DECODER
+    return json.dumps(spec)
+
+
+def res(rule_name, key, default):
+    return config.get("resources", {}).get(rule_name, {}).get(key, default)
+
+
+def gpu_resources(rule_name):
+    n = res(rule_name, "gpu", 0)
+    return {"gpu": n, "slurm_extra": f"'--gpus={n}'"} if n else {}

@@ -1,0 +1,29 @@
+"""What each method name means: which field kind, which encoder and decoder.
+
+One table, read by the workflow and the report, so that adding a method is one entry here.
+"""
+from __future__ import annotations
+
+# kind: latent (a field of VAE latents), rgb (a colour field), ceiling (no field)
+# encoder / decoder: "pretrained", or "tuned" (stage 1 encoder / stage 3 decoder)
+METHODS = {
+    "vae-ceiling": {"kind": "ceiling", "encoder": "pretrained", "decoder": "pretrained"},
+    "vanilla": {"kind": "latent", "encoder": "pretrained", "decoder": "pretrained"},
+    "rgb-3dgs": {"kind": "rgb", "encoder": None, "decoder": None},
+    "enc": {"kind": "latent", "encoder": "tuned", "decoder": "pretrained"},
+    "dec": {"kind": "latent", "encoder": "pretrained", "decoder": "tuned"},
+    "full": {"kind": "latent", "encoder": "tuned", "decoder": "tuned"},
+}
+
+
+def latent_variant(vae_name: str, method: str) -> str:
+    """Name of the latent cache a method's field is fitted to (depends on the encoder only)."""
+    return vae_name if METHODS[method]["encoder"] != "tuned" else f"{vae_name}-enc"
+
+
+def field_name(method: str) -> str:
+    """Fields depend only on the latents: `dec` reuses `vanilla`'s field, `full` reuses `enc`'s."""
+    m = METHODS[method]
+    if m["kind"] == "rgb":
+        return "rgb-3dgs"
+    return "vanilla" if m["encoder"] != "tuned" else "enc"

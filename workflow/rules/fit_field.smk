@@ -1,0 +1,32 @@
+def _field_targets(wc):
+    if wc.field == "rgb-3dgs":
+        return []
+    return [f"results/{wc.dataset}/{wc.scene}/latents/{latent_variant(VAE['name'], wc.field)}.safetensors"]
+
+
+rule fit_field:
+    """Fit Gaussians to one scene's training views: latents (vanilla, enc) or colours (rgb-3dgs)."""
+    input:
+        scene="results/{dataset}/{scene}/sfm/scene.json",
+        points="results/{dataset}/{scene}/sfm/points.npz",
+        targets=_field_targets,
+    output:
+        field="results/{dataset}/{scene}/fields/{field}/field.safetensors",
+        meta="results/{dataset}/{scene}/fields/{field}/field.json",
+    params:
+        targets=lambda wc, input: "rgb" if wc.field == "rgb-3dgs" else f"latents {input.targets[0]}",
+        cfg=lambda wc: json.dumps(config["field"]["rgb" if wc.field == "rgb-3dgs" else "latent"]),
+        out=lambda wc, output: Path(output.field).parent,
+        seed=config["seed"],
+    wildcard_constraints:
+        field="vanilla|enc|rgb-3dgs",
+    log:
+        "results/logs/fit_field/{dataset}/{scene}/{field}.log",
+    threads: res("fit_field", "threads", 2)
+    resources:
+        mem_mb=res("fit_field", "mem_mb", 8000),
+        runtime=res("fit_field", "runtime", 120),
+        **gpu_resources("fit_field"),
+    shell:
+        logged("{PY} lrf.fit --scene {input.scene} --targets {params.targets} --cfg {params.cfg:q} "
+               "--seed {params.seed} --threads {threads} --out {params.out}")
