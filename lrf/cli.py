@@ -20,12 +20,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from lrf.scene.model import SceneError
 
     errs: list[type[BaseException]] = [SceneError, InputError]
-    try:
-        from lrf.vae import WeightsError
-
-        errs.append(WeightsError)
-    except Exception:  # noqa: BLE001 - vae may be unavailable in a minimal install
-        pass
+    # A WeightsError can only have been raised if its module was imported: look it up instead of
+    # importing lrf.vae (and with it torch, seconds) on every failing prepare/sfm step.
+    vae_base = sys.modules.get("lrf.vae.base")
+    if vae_base is not None and hasattr(vae_base, "WeightsError"):
+        errs.append(vae_base.WeightsError)
     return tuple(errs)
 
 

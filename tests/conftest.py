@@ -197,3 +197,63 @@ def given_runs(data_dir, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# --------------------------------------------------------------------------- the Snakemake workflow
+SHEET_COLUMNS = ["dataset", "scene", "format", "path", "images", "poses", "max_side", "downscale", "max_images"]
+
+
+def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
+    """Copy Snakefile, workflow/, config/ into wf with a scene sheet of `rows` and a small config.
+
+    rows: dicts with the sheet's columns (missing ones blank). The config is the repository's
+    with `scenes` pointing at the new sheet, `select` = the rows' keys, small SfM settings, and
+    any keyword overrides (a value of None removes the key).
+    """
+    import yaml
+
+    wf.mkdir(parents=True)
+    shutil.copy2(REPO / "Snakefile", wf / "Snakefile")
+    shutil.copytree(REPO / "workflow", wf / "workflow")
+    shutil.copytree(REPO / "config", wf / "config")
+    lines = ["\t".join(SHEET_COLUMNS)]
+    lines += ["\t".join("" if r.get(c) is None else str(r[c]) for c in SHEET_COLUMNS) for r in rows]
+    (wf / "config" / "test_scenes.tsv").write_text("\n".join(lines) + "\n")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update({"shared_dir": str(shared), "scenes": "config/test_scenes.tsv",
+                "select": [f"{r['dataset']}/{r['scene']}" for r in rows] or "demo"})
+    cfg["sfm"].update({"max_features": 1024, "threads": 2, "matcher": "exhaustive"})
+    for k, v in overrides.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (wf / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return wf
+
+
+@pytest.fixture
+def workflow_copy(tmp_path, shared_dir):
+    """workflow_copy(rows, name="wf", **config) -> a runnable copy of the workflow in tmp_path."""
+
+    def make(rows, name="wf", **overrides) -> Path:
+        return make_workflow(tmp_path / name, rows, shared_dir, **overrides)
+
+    return make
+
+
+def snakemake_cmd(wf: Path, *args) -> list[str]:
+    exe = Path(sys.executable).parent / "snakemake"
+    return [str(exe) if exe.exists() else "snakemake", "--directory", str(wf), "--snakefile",
+            str(wf / "Snakefile"), *map(str, args)]
+
+
+@pytest.fixture
+def snakemake_run(shared_dir):
+    """snakemake_run(wf, "--cores", "2", ...) -> CompletedProcess (cwd = wf, lrf importable)."""
+
+    def run(wf: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(snakemake_cmd(wf, *args), cwd=wf, env=lrf_env(shared_dir),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

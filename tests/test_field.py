@@ -166,9 +166,11 @@ def test_from_points_and_track_features():
     none = Points(pts.xyz, pts.rgb, pts.error, pts.ids, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)))
     const = {i: torch.full((2, h2, w2), float(i)) for i in range(len(scene.cameras))}
     fb = init_features_from_tracks(none, scene, const)
-    uv, z = scene.cameras[0].project(pts.xyz[:1])
-    seen = [i for i, c in enumerate(scene.cameras)
-            if (lambda u, zz: zz[0] > 0 and 0 <= u[0, 0] < W and 0 <= u[0, 1] < H)(*c.project(pts.xyz[:1]))]
+    seen = []
+    for i, cam in enumerate(scene.cameras):
+        uv, z = cam.project(pts.xyz[:1])
+        if z[0] > 0 and 0 <= uv[0, 0] < W and 0 <= uv[0, 1] < H:
+            seen.append(i)
     assert np.allclose(fb[0].numpy(), np.mean(seen), atol=1e-5)
 
 
@@ -334,8 +336,11 @@ def test_targets_below_camera_resolution_and_random_init(tmp_path):
         assert torch.equal(a.field.params[k], b.field.params[k]), k
     nopts = Scene("synthetic", "nopts", scene.cameras, None)
     with pytest.warns(RuntimeWarning, match="random init"):
-        r = fit_field(nopts, targets, _cfg(iterations=3, random_init_n=50), tmp_path / "r", progress=False)
+        r = fit_field(nopts, targets, _cfg(iterations=3, random_init_n=50, background="mean"), tmp_path / "r",
+                      progress=False)
     assert len(r.field) == 50 and np.isfinite(r.final_loss)
+    bg = json.loads((tmp_path / "r" / "field.json").read_text())["background_value"]
+    assert np.allclose(bg, r.norm.mean.numpy())
 
 
 # ---------------------------------------------------------------- PLY, orbit, video

@@ -322,7 +322,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     norm = ChannelNorm.from_targets(tg.values()) if cfg.normalize else ChannelNorm.identity(C)
     data_range = cfg.ssim_data_range or (DEFAULT_SSIM_RANGE if cfg.normalize else 1.0)
     fp = _fingerprint(cfg)
-    fp.update(train_ids=train_ids, channels=C, shapes=[list(tg[i].shape) for i in train_ids],
+    fp.update(init=init, train_ids=train_ids, channels=C, shapes=[list(tg[i].shape) for i in train_ids],
               norm=[round(float(x), 5) for x in torch.cat([norm.mean, norm.std])])
     fp = json.loads(json.dumps(fp))   # the form it takes after a round trip through the checkpoint
 
@@ -380,6 +380,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     perm_cache: dict = {}
     groups = {g["name"]: g for g in opt.param_groups}
     step = state["step"]
+    loss_sum = torch.tensor(float(state["loss_acc"][0]), dtype=torch.float64, device=dev)  # no per-step sync
     while step < end:
         t0 = time.perf_counter()
         groups["means"]["lr"] = _means_lr(cfg, extent, step)
@@ -399,10 +400,11 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
         step += 1
         state["step"] = step
         state["seconds"] += time.perf_counter() - t0
-        state["loss_acc"][0] += loss.item()
+        loss_sum += loss.detach()
         state["loss_acc"][1] += 1
         if step % max(cfg.log_every, 1) == 0 or step == cfg.iterations:
-            mean_loss = state["loss_acc"][0] / max(state["loss_acc"][1], 1)
+            mean_loss = loss_sum.item() / max(state["loss_acc"][1], 1)
+            loss_sum.zero_()
             state["log"].append((step, mean_loss, field.num_gaussians, state["seconds"]))
             state["loss_acc"] = [0.0, 0]
             if bar is not None:
@@ -413,6 +415,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
         if bar is not None:
             bar.update(1)
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+            state["loss_acc"][0] = loss_sum.item()
             _save_checkpoint(out_dir, field, opt, strategy, norm, state)
             _write_log(out_dir, state["log"])
     if bar is not None:
@@ -442,6 +445,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
             (out_dir / CKPT_NAME).unlink(missing_ok=True)
             (out_dir / CKPT_META).unlink(missing_ok=True)
         elif cfg.checkpoint_every > 0:
+            state["loss_acc"][0] = loss_sum.item()
             _save_checkpoint(out_dir, field, opt, strategy, norm, state)
         if progress:
             _say(f"[field] {scene.key}: done, {field.num_gaussians} Gaussians, loss "

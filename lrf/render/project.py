@@ -52,41 +52,32 @@ class Projected:
     visible: Tensor  # [N] bool
 
 
-def _quat_basis(dtype, device) -> Tensor:
-    """[16, 9] map from the outer product q q^T to |q|^2 * R(q), row-major R.
+def _rotmat_columns(quats: Tensor) -> list[list[Tensor]]:
+    """R(q) of (w,x,y,z) quaternions of any norm, as a 3x3 nest of [N] tensors.
 
-    Every entry of the rotation matrix of a unit quaternion is a homogeneous
-    quadratic in (w, x, y, z), so R(q) = (q q^T : B) / |q|^2 is one small GEMM
-    (CPU batched 3x3 matmuls are slow) and needs no separate normalisation.
+    Elementwise ops on [N] columns only: on CPU, batched 3x3 products, GEMMs
+    with an inner size of 3 and broadcasts over [N,3,3] are all far slower.
     """
-    B = torch.zeros(4, 4, 9, dtype=dtype, device=device)
-    w, x, y, z = range(4)
-
-    def put(e, terms):
-        for coef, i, j in terms:
-            B[i, j, e] += coef
-
-    put(0, [(1, w, w), (1, x, x), (-1, y, y), (-1, z, z)])
-    put(1, [(2, x, y), (-2, w, z)])
-    put(2, [(2, x, z), (2, w, y)])
-    put(3, [(2, x, y), (2, w, z)])
-    put(4, [(1, w, w), (-1, x, x), (1, y, y), (-1, z, z)])
-    put(5, [(2, y, z), (-2, w, x)])
-    put(6, [(2, x, z), (-2, w, y)])
-    put(7, [(2, y, z), (2, w, x)])
-    put(8, [(1, w, w), (-1, x, x), (-1, y, y), (1, z, z)])
-    return B.reshape(16, 9)
+    w, x, y, z = quats.unbind(-1)
+    ww, xx, yy, zz = w * w, x * x, y * y, z * z
+    inv = 1.0 / (ww + xx + yy + zz).clamp_min(1e-24)
+    inv2 = 2.0 * inv
+    xy, wz, xz, wy, yz, wx = x * y, w * z, x * z, w * y, y * z, w * x
+    return [
+        [(ww + xx - yy - zz) * inv, (xy - wz) * inv2, (xz + wy) * inv2],
+        [(xy + wz) * inv2, (ww - xx + yy - zz) * inv, (yz - wx) * inv2],
+        [(xz - wy) * inv2, (yz + wx) * inv2, (ww - xx - yy + zz) * inv],
+    ]
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:
     """Rotation matrices [N,3,3] from (w,x,y,z) quaternions of any norm."""
-    qq = (quats[:, :, None] * quats[:, None, :]).reshape(-1, 16)
-    R = qq @ _quat_basis(quats.dtype, quats.device)
-    return (R / (quats * quats).sum(-1, keepdim=True).clamp_min(1e-24)).reshape(-1, 3, 3)
+    r = _rotmat_columns(quats)
+    return torch.stack([torch.stack(row, -1) for row in r], -2)
 
 
 def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
-    """World covariance R S S^T R^T, [N,3,3]."""
+    """World covariance R S S^T R^T, [N,3,3] (for tests and callers)."""
     M = quat_to_rotmat(quats) * scales[..., None, :]
     return M @ M.transpose(-1, -2)
 
@@ -104,40 +95,43 @@ def project_gaussians(
     far: float = 1e10,
     eps2d: float = EPS2D,
 ) -> Projected:
-    """Project Gaussians with the EWA (local affine) approximation."""
-    R = viewmat[:3, :3]
-    t = viewmat[:3, 3]
-    p = means @ R.T + t
-    x, y, z = p.unbind(-1)
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    """Project Gaussians with the EWA (local affine) approximation.
+
+    The camera is a constant (no gradient to viewmat or K).
+    """
+    V = viewmat.detach().double().cpu().tolist()  # constants: no grad to the camera
+    fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+    m0, m1, m2 = means.unbind(-1)
+    x, y, z = (m0 * V[i][0] + m1 * V[i][1] + m2 * V[i][2] + V[i][3] for i in range(3))
 
     in_depth = (z > near) & (z < far)
     # Substitute a harmless depth for culled Gaussians so nothing is inf/NaN.
     zs = torch.where(in_depth, z, torch.ones_like(z))
     rz = 1.0 / zs
 
-    # Clamp x/z, y/z to 1.3x the field of view for the Jacobian only.
+    # Clamp x/z, y/z to 1.3x the field of view for the Jacobian only (as gsplat).
     tan_fovx = 0.5 * width / fx
     tan_fovy = 0.5 * height / fy
     lim_x_pos = (width - cx) / fx + 0.3 * tan_fovx
     lim_x_neg = cx / fx + 0.3 * tan_fovx
     lim_y_pos = (height - cy) / fy + 0.3 * tan_fovy
     lim_y_neg = cy / fy + 0.3 * tan_fovy
-    tx = zs * torch.minimum(torch.maximum(x * rz, -lim_x_neg), lim_x_pos)
-    ty = zs * torch.minimum(torch.maximum(y * rz, -lim_y_neg), lim_y_pos)
+    txz = (x * rz).clamp(-lim_x_neg, lim_x_pos)  # = tx / z
+    tyz = (y * rz).clamp(-lim_y_neg, lim_y_pos)
 
-    # Sigma_2d = J Rv M M^T Rv^T J^T with M = R(q) diag(s): build T = J Rv M
-    # ([N,2,3]) with one GEMM and broadcasting instead of batched matmuls.
-    MT = quat_to_rotmat(quats).transpose(1, 2).contiguous() * scales[:, :, None]  # M^T
-    McT = MT @ R.T  # (Rv M)^T; contiguous [N,3,3] @ [3,3] folds into one GEMM
-    Mc0, Mc1, Mc2 = McT[:, :, 0], McT[:, :, 1], McT[:, :, 2]  # rows of Rv M
-    j02 = (-fx * tx * rz * rz)[:, None]
-    j12 = (-fy * ty * rz * rz)[:, None]
-    T0 = (fx * rz)[:, None] * Mc0 + j02 * Mc2
-    T1 = (fy * rz)[:, None] * Mc1 + j12 * Mc2
-    s_xx = (T0 * T0).sum(-1) + eps2d
-    s_xy = (T0 * T1).sum(-1)
-    s_yy = (T1 * T1).sum(-1) + eps2d
+    # Sigma_2d = T T^T with T = J Rv R(q) diag(s) (2x3), J = [[fx/z, 0, -fx tx/z^2],
+    # [0, fy/z, -fy ty/z^2]], all as elementwise ops on [N] columns.
+    j00, j02 = fx * rz, -fx * txz * rz
+    j11, j12 = fy * rz, -fy * tyz * rz
+    A0 = [j00 * V[0][k] + j02 * V[2][k] for k in range(3)]  # row 0 of J Rv
+    A1 = [j11 * V[1][k] + j12 * V[2][k] for k in range(3)]  # row 1 of J Rv
+    r = _rotmat_columns(quats)
+    sc = scales.unbind(-1)
+    T0 = [(A0[0] * r[0][j] + A0[1] * r[1][j] + A0[2] * r[2][j]) * sc[j] for j in range(3)]
+    T1 = [(A1[0] * r[0][j] + A1[1] * r[1][j] + A1[2] * r[2][j]) * sc[j] for j in range(3)]
+    s_xx = T0[0] * T0[0] + T0[1] * T0[1] + T0[2] * T0[2] + eps2d
+    s_xy = T0[0] * T1[0] + T0[1] * T1[1] + T0[2] * T1[2]
+    s_yy = T1[0] * T1[0] + T1[1] * T1[1] + T1[2] * T1[2] + eps2d
     det = s_xx * s_yy - s_xy * s_xy
 
     mx = fx * x * rz + cx
@@ -146,7 +140,7 @@ def project_gaussians(
     with torch.no_grad():
         ok = in_depth & (det > 0) & (opacities >= ALPHA_THRESHOLD)
         ok &= torch.isfinite(mx) & torch.isfinite(my) & torch.isfinite(det)
-        # Opacity-aware extent (sigmas) at which alpha falls to 1/255.
+        # Opacity-aware extent (in sigmas) at which alpha falls to 1/255.
         q = 2.0 * torch.log(opacities.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)
         extend = q.sqrt().clamp_max(EXTEND_CAP)
         rx = torch.ceil(extend * s_xx.clamp_min(0).sqrt())
@@ -157,9 +151,8 @@ def project_gaussians(
         radii = torch.ceil(3.0 * lam_max.clamp_min(0).sqrt())
         radii = torch.where(ok, radii, torch.zeros_like(radii)).to(torch.int32)
 
-    det_s = torch.where(ok, det, torch.ones_like(det))
-    conics = torch.stack([s_yy / det_s, -s_xy / det_s, s_xx / det_s], dim=-1)
+    inv_det = 1.0 / torch.where(ok, det, torch.ones_like(det))
     okf = ok[:, None]
-    conics = torch.where(okf, conics, torch.zeros_like(conics))
-    means2d = torch.where(okf, torch.stack([mx, my], dim=-1), torch.zeros_like(p[:, :2]))
+    conics = torch.where(okf, torch.stack([s_yy, -s_xy, s_xx], -1) * inv_det[:, None], 0.0)
+    means2d = torch.where(okf, torch.stack([mx, my], -1), 0.0)
     return Projected(means2d=means2d, conics=conics, depths=z, radii=radii, visible=ok)

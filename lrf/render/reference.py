@@ -29,7 +29,7 @@ def _composite_chunk(pix_xy: Tensor, means2d: Tensor, conics: Tensor, opacities:
     sigma = sigma_of(a, dx, c * dy * dy, b * dy)  # 0.5 (a dx^2 + c dy^2) + b dx dy
     alpha = (opacities * torch.exp(-sigma)).clamp_max(MAX_ALPHA)
     with torch.no_grad():
-        valid = (alpha >= ALPHA_THRESHOLD) & (sigma >= 0)
+        valid = alpha >= ALPHA_THRESHOLD
         # A pair is composited iff the transmittance after it stays above the
         # threshold; T only decreases, so this is the "stop at the first
         # failure" rule of gsplat/3DGS.

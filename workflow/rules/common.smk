@@ -94,4 +94,4 @@ def res(rule_name, key, default):
 
 def gpu_resources(rule_name):
     n = res(rule_name, "gpu", 0)
-    return {"gpu": n, "slurm_extra": f"'--gpus={n}'"} if n else {}
+    return {"gpu": n} if n else {}  # the SLURM executor turns this into --gpus

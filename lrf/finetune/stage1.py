@@ -1,0 +1,546 @@
+"""Stage 1: correspondence-aware autoencoding. Fine-tune only the encoder so that the latents of
+one 3D point agree across views, while decode(encode(x)) through the frozen decoder stays x.
+
+Loss per step, over B crop pairs (2B crops):
+  recon = L1(decode(encode(x)), x) + w_lpips * LPIPS   (the decoder is frozen, so the latents
+          must stay in the space it decodes)
+  corr  = L1 between the two latents of each SfM correspondence that falls inside both crops,
+          sampled bilinearly at pixel/8 (see common.sample_latents), weighted by the pair weight
+  reg   = KL to N(0, I) for KL autoencoders, else a latent-statistics penalty keeping the
+          per-channel mean/std of the batch near the pretrained encoder's over the tuning images
+  loss  = recon + lambda_corr * corr + (w_kl * KL or w_stats * stats)
+
+Sampling: a tuning scene uniformly (so a scene with many matches does not drown the others),
+then a "train" pair of it with probability proportional to its match count (`pair_sampling`
+"matches", the default: together with the pair weight in the loss, the expected loss is the
+pair-weighted mean over all matches; "weight_matches" would apply the weight twice, "uniform"
+over-samples pairs with few matches), then one of its matches uniformly; the two crops are placed
+independently around the two pixels at random integer offsets, so sub-cell (non multiple-of-8)
+shifts between the crops, exactly the inconsistency to remove, occur all the time.
+
+consistency.json, the direct measure of 3D consistency: full images encoded once, mean latent
+L1 over the correspondences of "heldout" pairs (at least one test view) and of "train" pairs,
+before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test views.
+
+    python -m lrf.finetune.stage1 --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
+        --weights-dir ../shared/weights \
+        --scene results/llff/fern/sfm/scene.json --corr results/llff/fern/correspondences \
+        [--scene S2/scene.json --corr S2/correspondences ...] \
+        [--measure-scene X/scene.json --measure-corr X/correspondences ...] \
+        --cfg '{"steps": 2000}' --out results/vae/taef2/stage1
+    python -m lrf.finetune.stage1 --measure-only --vae '{..., "encoder": "results/vae/taef2/stage1/encoder.safetensors"}' \
+        --weights-dir ../shared/weights --measure-scene X/scene.json --measure-corr X/correspondences --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lrf.cli import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, crop_origin, deterministic,
+                                 image_tensor, inside, load_checkpoint, load_lpips, load_optimizer_tensors,
+                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, sample_latents,
+                                 save_checkpoint, save_module, say, tensors_sha256, trim8, write_curve)
+from lrf.io import atomic_write_json
+from lrf.scene.model import Scene
+
+CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "seconds")
+PAIR_SAMPLING = ("matches", "weight_matches", "uniform")
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    lambda_corr: float = 1.0
+    w_stats: float = 1.0          # deterministic encoders (TAESD family)
+    w_kl: float = 1e-6            # KL autoencoders (the LDM autoencoder's KL weight)
+    pair_sampling: str = "matches"
+    corr_margin: float = 8.0      # px: matches nearer a crop edge are skipped (zero padding there)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pair_sampling not in PAIR_SAMPLING:
+            raise InputError(f"Stage1Config: pair_sampling must be one of {', '.join(PAIR_SAMPLING)}")
+        if not 0 <= self.corr_margin < self.crop / 2:
+            raise InputError("Stage1Config: corr_margin must be in [0, crop/2)")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class CorrScene:
+    """A scene with its SfM correspondences (lrf.correspondences tables)."""
+
+    scene: Scene
+    matches: pd.DataFrame
+    pairs: pd.DataFrame
+
+    @property
+    def key(self) -> str:
+        return self.scene.key
+
+    def digest(self) -> str:
+        """Content hash of cameras + tables: a checkpoint must come from the same data."""
+        h = pd.util.hash_pandas_object(self.matches, index=False).to_numpy()
+        p = pd.util.hash_pandas_object(self.pairs[["image_i", "image_j", "weight", "split"]], index=False).to_numpy()
+        names = np.frombuffer("|".join(c.name + c.split for c in self.scene.cameras).encode(), np.uint8)
+        return tensors_sha256([torch.from_numpy(h.view(np.int64).copy()), torch.from_numpy(p.view(np.int64).copy()),
+                               torch.from_numpy(names.copy())])
+
+
+MATCH_COLS = ("image_i", "image_j", "x_i", "y_i", "x_j", "y_j")
+PAIR_COLS = ("image_i", "image_j", "matches", "weight", "split")
+
+
+def check_tables(scene: Scene, matches: pd.DataFrame, pairs: pd.DataFrame, where: str) -> None:
+    for name, df, cols in (("matches", matches, MATCH_COLS), ("pairs", pairs, PAIR_COLS)):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise InputError(f"{scene.key}: {where}: {name} table lacks column(s) {', '.join(missing)}")
+    n = len(scene.cameras)
+    if len(matches) and (int(matches[["image_i", "image_j"]].to_numpy().max()) >= n
+                         or int(matches[["image_i", "image_j"]].to_numpy().min()) < 0):
+        raise InputError(f"{scene.key}: {where}: matches name images outside the scene's {n} cameras "
+                         "(correspondences from another scene?)")
+
+
+def load_corr_scene(scene_json: str | Path, corr_dir: str | Path) -> CorrScene:
+    from lrf.correspondences import load
+
+    scene = Scene.load(scene_json)
+    corr_dir = Path(corr_dir)
+    for f in ("matches.parquet", "pairs.parquet"):
+        if not (corr_dir / f).is_file():
+            raise InputError(f"{scene.key}: {corr_dir / f}: missing (run lrf.correspondences first)")
+    try:
+        matches, pairs = load(corr_dir)
+    except Exception as e:  # noqa: BLE001 - unreadable parquet
+        raise InputError(f"{scene.key}: {corr_dir}: cannot read correspondences ({type(e).__name__})") from None
+    check_tables(scene, matches, pairs, str(corr_dir))
+    return CorrScene(scene, matches, pairs)
+
+
+def pair_groups(cs: CorrScene, split: str):
+    """(i, j, xy_i [M,2], xy_j [M,2], weight) per pair of `split`, in a fixed order."""
+    p = cs.pairs.loc[cs.pairs["split"] == split, ["image_i", "image_j", "weight"]]
+    m = cs.matches.merge(p, on=["image_i", "image_j"], how="inner")
+    m = m.sort_values(["image_i", "image_j"], kind="stable")
+    for (i, j), g in m.groupby(["image_i", "image_j"], sort=True):
+        yield (int(i), int(j), g[["x_i", "y_i"]].to_numpy(np.float64), g[["x_j", "y_j"]].to_numpy(np.float64),
+               float(g["weight"].iloc[0]))
+
+
+@dataclass
+class CropPair:
+    scene: int
+    i: int
+    j: int
+    origin_i: tuple[int, int]     # (left, top)
+    origin_j: tuple[int, int]
+    xy_i: np.ndarray              # [M, 2] in crop coordinates
+    xy_j: np.ndarray
+    weight: float
+
+
+class PairSampler:
+    """Random crop pairs around SfM correspondences of "train" pairs (see module docstring)."""
+
+    def __init__(self, scenes: list[CorrScene], cfg: Stage1Config):
+        self.cfg, self.scenes, self.entries = cfg, scenes, []
+        for s, cs in enumerate(scenes):
+            groups = [g for g in pair_groups(cs, "train") if len(g[2])]
+            if not groups:
+                say(f"[stage1] {cs.key}: no train pairs with matches; not used for training")
+                continue
+            for i, j, *_ in groups:
+                for k in (i, j):
+                    c = cs.scene.cameras[k]
+                    if c.width < cfg.crop or c.height < cfg.crop:
+                        raise InputError(f"{cs.key}: {c.name}: image {c.width}x{c.height} is smaller than "
+                                         f"the {cfg.crop}px crop")
+            n = np.array([len(g[2]) for g in groups], np.float64)
+            w = np.array([g[4] for g in groups], np.float64)
+            p = {"matches": n, "weight_matches": n * w, "uniform": np.ones_like(n)}[cfg.pair_sampling]
+            self.entries.append((s, groups, p / p.sum()))
+        if not self.entries:
+            raise InputError("stage 1: no tuning scene has a train pair with correspondences")
+
+    def sample(self, rng: np.random.Generator) -> CropPair:
+        S, mg = self.cfg.crop, self.cfg.corr_margin
+        s, groups, p = self.entries[int(rng.integers(len(self.entries)))]
+        i, j, xy_i, xy_j, w = groups[int(rng.choice(len(groups), p=p))]
+        k = int(rng.integers(len(xy_i)))
+        ci, cj = self.scenes[s].scene.cameras[i], self.scenes[s].scene.cameras[j]
+        oi = (crop_origin(rng, xy_i[k, 0], S, ci.width, mg), crop_origin(rng, xy_i[k, 1], S, ci.height, mg))
+        oj = (crop_origin(rng, xy_j[k, 0], S, cj.width, mg), crop_origin(rng, xy_j[k, 1], S, cj.height, mg))
+        keep = inside(xy_i, *oi, S, mg) & inside(xy_j, *oj, S, mg)
+        return CropPair(s, i, j, oi, oj, xy_i[keep] - np.array(oi, np.float64), xy_j[keep] - np.array(oj, np.float64), w)
+
+
+class ImageCache:
+    """Views as [3,H,W] tensors, read once (crops are cut from memory every step)."""
+
+    def __init__(self, scenes: list[CorrScene]):
+        self.scenes, self.cache = scenes, {}
+
+    def get(self, s: int, i: int) -> torch.Tensor:
+        if (s, i) not in self.cache:
+            self.cache[(s, i)] = image_tensor(self.scenes[s].scene, i)
+        return self.cache[(s, i)]
+
+    def crop(self, s: int, i: int, origin: tuple[int, int], size: int) -> torch.Tensor:
+        left, top = origin
+        return self.get(s, i)[:, top:top + size, left:left + size]
+
+
+# ----------------------------------------------------------------------------- losses
+def correspondence_loss(z_a: torch.Tensor, z_b: torch.Tensor, xy_a: list, xy_b: list,
+                        weights: list[float]) -> tuple[torch.Tensor, int]:
+    """Pair-weighted mean over matches of the channel-mean L1 between latents z_a[b] at xy_a[b]
+    and z_b[b] at xy_b[b] (pixel coords in each crop). Returns (loss, number of matches)."""
+    num, den, n = z_a.sum() * 0.0, 0.0, 0
+    for b in range(z_a.shape[0]):
+        if len(xy_a[b]) == 0:
+            continue
+        a = sample_latents(z_a[b], torch.as_tensor(xy_a[b]))
+        c = sample_latents(z_b[b], torch.as_tensor(xy_b[b]))
+        num = num + weights[b] * (a - c).abs().mean(1).sum()
+        den += weights[b] * len(xy_a[b])
+        n += len(xy_a[b])
+    return (num / den if den > 0 else num), n
+
+
+def stats_penalty(z: torch.Tensor, mean0: torch.Tensor, std0: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean/std of the batch vs the pretrained encoder's: ((mu-mu0)/sd0)^2 +
+    log(sd/sd0)^2, averaged over channels. Scale-free, so every channel counts the same; it
+    blocks the trivial way to agree at correspondences (shrinking or shifting all latents)."""
+    mu = z.mean(dim=(0, 2, 3))
+    sd = z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return (((mu - mean0) / std0) ** 2 + torch.log(sd / std0) ** 2).mean()
+
+
+def kl_term(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+
+
+def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1Config,
+                mean0: torch.Tensor, std0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Losses of one batch: x holds the B crops of image i, then the B crops of image j."""
+    B = len(pairs)
+    z, logvar = vae.encode_distribution(x)
+    y = vae.decode(z, clamp=False)
+    recon_l1 = (y - x).abs().mean()
+    lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else recon_l1.new_zeros(())
+    corr, _ = correspondence_loss(z[:B], z[B:], [p.xy_i for p in pairs], [p.xy_j for p in pairs],
+                                  [p.weight for p in pairs])
+    if logvar is not None:
+        reg, w_reg = kl_term(z, logvar), cfg.w_kl
+    else:
+        reg, w_reg = stats_penalty(z, mean0, std0), cfg.w_stats
+    loss = recon_l1 + cfg.w_lpips * lp + cfg.lambda_corr * corr + w_reg * reg
+    return {"loss": loss, "recon_l1": recon_l1, "lpips": lp, "corr": corr, "stats": reg}
+
+
+# ----------------------------------------------------------------------------- measurement
+@torch.no_grad()
+def encode_views(vae, cs: CorrScene, ids=None) -> dict[int, torch.Tensor]:
+    """Full images (trimmed to multiples of 8) -> latents [C, h, w], once per view."""
+    ids = range(len(cs.scene.cameras)) if ids is None else ids
+    return {i: vae.encode(trim8(image_tensor(cs.scene, i))[None].to(vae.device))[0].float().cpu() for i in ids}
+
+
+@torch.no_grad()
+def consistency(latents: dict[int, torch.Tensor], cs: CorrScene, split: str) -> dict:
+    """Mean latent L1 at the correspondences of `split` pairs, on full-image latents.
+
+    l1: mean over matches; l1_weighted: with pair weights; l1_random: the same latents at
+    non-corresponding pixels (each match's j pixel swapped for the next match's within the
+    pair), so ratio = l1 / l1_random is immune to latents merely shrinking."""
+    tot = totw = wsum = rnd = 0.0
+    n = npairs = 0
+    for i, j, xy_i, xy_j, w in pair_groups(cs, split):
+        zi, zj = latents[i], latents[j]
+        ok = ((xy_i[:, 0] < zi.shape[2] * DOWNSCALE) & (xy_i[:, 1] < zi.shape[1] * DOWNSCALE)
+              & (xy_j[:, 0] < zj.shape[2] * DOWNSCALE) & (xy_j[:, 1] < zj.shape[1] * DOWNSCALE))
+        if not ok.any():
+            continue
+        a = sample_latents(zi, torch.as_tensor(xy_i[ok]))
+        b = sample_latents(zj, torch.as_tensor(xy_j[ok]))
+        d = (a - b).abs().mean(1).double()
+        tot += float(d.sum())
+        totw += w * float(d.sum())
+        wsum += w * len(d)
+        rnd += float((a - b.roll(1, 0)).abs().mean(1).double().sum()) if len(d) > 1 else float(d.sum())
+        n += len(d)
+        npairs += 1
+    if n == 0:
+        return {"l1": None, "l1_weighted": None, "l1_random": None, "ratio": None, "matches": 0, "pairs": 0}
+    l1, r = tot / n, rnd / n
+    return {"l1": l1, "l1_weighted": totw / wsum, "l1_random": r, "ratio": l1 / r if r > 0 else None,
+            "matches": n, "pairs": npairs}
+
+
+@torch.no_grad()
+def recon_quality(vae, latents: dict[int, torch.Tensor], cs: CorrScene, ids) -> dict:
+    """decode(encode(x)) PSNR / L1 over views `ids` (the test views: must not collapse)."""
+    ps, l1 = [], []
+    for i in ids:
+        x = trim8(image_tensor(cs.scene, i))[None]
+        p, l = psnr_l1(vae.decode(latents[i][None].to(vae.device)).float().cpu(), x)
+        ps.append(p)
+        l1.append(l)
+    return {"psnr": float(np.mean(ps)) if ps else None, "l1": float(np.mean(l1)) if l1 else None, "views": len(ps)}
+
+
+def measure(vae, cs: CorrScene) -> tuple[dict, dict[int, torch.Tensor]]:
+    lat = encode_views(vae, cs)
+    res = {"heldout": consistency(lat, cs, "heldout"), "train": consistency(lat, cs, "train"),
+           "recon": recon_quality(vae, lat, cs, cs.scene.test)}
+    return res, lat
+
+
+def latent_stats(latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over all pixels of all given latents (float64 sums)."""
+    s = s2 = 0.0
+    n = 0
+    for z in latents:
+        zz = z.double().flatten(1)
+        s = s + zz.sum(1)
+        s2 = s2 + (zz ** 2).sum(1)
+        n += zz.shape[1]
+    mean = s / n
+    std = (s2 / n - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float()
+
+
+def combine(before: dict, after: dict) -> dict:
+    """Per-scene before/after, split by what was measured."""
+    return {k: {"before": before[k], "after": after[k]} for k in ("heldout", "train", "recon")}
+
+
+def overall(per_scene: dict[str, dict]) -> dict:
+    """Match-pooled L1 over scenes (and view-pooled recon PSNR)."""
+    out = {}
+    for split in ("heldout", "train"):
+        out[split] = {}
+        for when in ("before", "after"):
+            rows = [r[split][when] for r in per_scene.values() if r[split][when]["matches"]]
+            n = sum(r["matches"] for r in rows)
+            out[split][when] = None if n == 0 else {
+                "l1": sum(r["l1"] * r["matches"] for r in rows) / n,
+                "l1_random": sum(r["l1_random"] * r["matches"] for r in rows) / n,
+                "matches": n}
+            if n:
+                o = out[split][when]
+                o["ratio"] = o["l1"] / o["l1_random"] if o["l1_random"] else None
+    out["recon"] = {}
+    for when in ("before", "after"):
+        rows = [r["recon"][when] for r in per_scene.values() if r["recon"][when]["views"]]
+        v = sum(r["views"] for r in rows)
+        out["recon"][when] = None if v == 0 else {"psnr": sum(r["psnr"] * r["views"] for r in rows) / v, "views": v}
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def fingerprint(cfg: Stage1Config, vae, tune: list[CorrScene], spec: dict | None) -> dict:
+    fp = cfg.fingerprint()
+    fp.update(vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
+              encoder0=tensors_sha256(vae.encoder.state_dict().values()),
+              scenes=[[cs.key, cs.digest()] for cs in tune])
+    return json.loads(json.dumps(fp))
+
+
+def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: str | Path,
+                 measure_scenes: list[CorrScene] = (), spec: dict | None = None,
+                 stop_at: int | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune vae.encoder in place; write encoder.safetensors, curve.csv, consistency.json.
+
+    Resumes from out_dir/ckpt.safetensors when valid and written with the same settings and data.
+    `stop_at` ends the session after that many total steps without final outputs (as if killed:
+    for tests and chunked runs); then None is returned, else the consistency report.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    enc = vae.encoder
+    vae.requires_grad_(False)
+    fp = fingerprint(cfg, vae, tune, spec)
+    sampler = PairSampler(tune, cfg)
+    images = ImageCache(tune)
+    rng = RNG(cfg.seed)
+    ck = load_checkpoint(out_dir, fp)
+    if ck is not None:
+        tens, meta = ck
+        enc.load_state_dict({k[len("encoder/"):]: v for k, v in tens.items() if k.startswith("encoder/")})
+        opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
+        load_optimizer_tensors(opt, tens)
+        rng.restore(tens, meta["rng"])
+        step, seconds, before, mbefore = meta["step"], meta["seconds"], meta["before"], meta["measure_before"]
+        rows = [tuple(r) for r in tens["curve"].tolist()]
+        mean0, std0 = tens["stats/mean"], tens["stats/std"]
+        if progress:
+            say(f"[stage1] resuming from step {step}")
+    else:
+        before, lat_train = {}, []
+        for cs in tune:
+            before[cs.key], lat = measure(vae, cs)
+            lat_train += [lat[i] for i in cs.scene.train]
+        mbefore = {cs.key: measure(vae, cs)[0] for cs in measure_scenes}
+        mean0, std0 = latent_stats(lat_train)
+        opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
+        step, seconds, rows = 0, 0.0, []
+    mean0, std0 = mean0.to(dev), std0.to(dev)
+
+    def checkpoint():
+        t = {f"encoder/{k}": v for k, v in enc.state_dict().items()}
+        t.update(optimizer_tensors(opt))
+        rt, rm = rng.state()
+        t.update(rt)
+        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
+        t["stats/mean"], t["stats/std"] = mean0.cpu(), std0.cpu()
+        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
+                                     "before": before, "measure_before": mbefore})
+        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = Progress("stage1", cfg.steps, step, cfg.log_every, progress)
+    enc.requires_grad_(True)
+    try:
+        with deterministic():
+            while step < end:
+                t = Timer()
+                pairs = [sampler.sample(rng.np) for _ in range(cfg.batch)]
+                crops = ([images.crop(p.scene, p.i, p.origin_i, cfg.crop) for p in pairs]
+                         + [images.crop(p.scene, p.j, p.origin_j, cfg.crop) for p in pairs])
+                x = torch.stack(crops).to(dev)
+                L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0)
+                opt.zero_grad(set_to_none=True)
+                L["loss"].backward()
+                opt.step()
+                step += 1
+                seconds += t()
+                vals = {k: float(v.detach()) for k, v in L.items()}
+                rows.append((step, vals["loss"], vals["recon_l1"], vals["lpips"], vals["corr"], vals["stats"], seconds))
+                bar.update(step, {k: vals[k] for k in ("loss", "corr", "stats")}, seconds)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    checkpoint()
+    finally:
+        bar.close()
+        enc.requires_grad_(False)
+    if step < cfg.steps:
+        return None
+
+    after, lat_train = {}, []
+    for cs in tune:
+        after[cs.key], lat = measure(vae, cs)
+        lat_train += [lat[i] for i in cs.scene.train]
+    mean1, std1 = latent_stats(lat_train)
+    per_scene = {k: combine(before[k], after[k]) for k in before}
+    mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs)[0]) for cs in measure_scenes}
+    report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": step, "seconds": seconds,
+              "s_per_step": seconds / max(step, 1),
+              "tuning": per_scene, "overall": overall(per_scene),
+              "measure": mafter, "measure_overall": overall(mafter) if mafter else None,
+              "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
+                               "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
+    save_module(out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": step, "vae": spec})
+    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+    atomic_write_json(out_dir / "consistency.json", report)
+    if not cfg.keep_checkpoint:
+        remove_checkpoint(out_dir)
+    return report
+
+
+def measure_only(vae_before, vae_after, scenes: list[CorrScene]) -> dict:
+    per = {cs.key: combine(measure(vae_before, cs)[0], measure(vae_after, cs)[0]) for cs in scenes}
+    return {"stage": 1, "measure_only": True, "measure": per, "measure_overall": overall(per)}
+
+
+def summary_line(report: dict) -> str:
+    def fmt(o, k, spec):
+        return "n/a" if o is None or o.get(k) is None else format(o[k], spec)
+
+    parts = []
+    for name, ov in (("tuning", report.get("overall")), ("measure", report.get("measure_overall"))):
+        if not ov:
+            continue
+        h, r = ov["heldout"], ov["recon"]
+        parts.append(f"{name}: held-out corr L1 {fmt(h['before'], 'l1', '.4f')} -> {fmt(h['after'], 'l1', '.4f')} "
+                     f"(ratio {fmt(h['before'], 'ratio', '.3f')} -> {fmt(h['after'], 'ratio', '.3f')}), "
+                     f"recon PSNR {fmt(r['before'], 'psnr', '.2f')} -> {fmt(r['after'], 'psnr', '.2f')} dB")
+    head = (f"stage 1: {report['steps']} steps, {report['s_per_step']:.2f} s/step; " if "steps" in report
+            else "stage 1 (measure only): ")
+    return head + "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _scene_list(scenes, corrs, what: str) -> list[CorrScene]:
+    scenes, corrs = scenes or [], corrs or []
+    if len(scenes) != len(corrs):
+        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(corrs)} correspondence folder(s); "
+                         "give them in pairs")
+    return [load_corr_scene(s, c) for s, c in zip(scenes, corrs)]
+
+
+def main(argv=None) -> int:
+    from lrf.cli import run_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder (start point or, "
+                                                 "with --measure-only, the tuned encoder)]")
+    ap.add_argument("--weights-dir", required=True, type=Path)
+    ap.add_argument("--scene", action="extend", nargs="+", type=Path, help="tuning scene.json (repeatable)")
+    ap.add_argument("--corr", action="extend", nargs="+", type=Path, help="its correspondences folder")
+    ap.add_argument("--measure-scene", action="extend", nargs="+", type=Path,
+                    help="scene.json only measured (consistency before/after), never trained on")
+    ap.add_argument("--measure-corr", action="extend", nargs="+", type=Path)
+    ap.add_argument("--cfg", default="{}", help="JSON overrides of Stage1Config")
+    ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="no training: pretrained vs the spec's encoder on --measure-scene")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    def go():
+        from lrf.vaecfg import load_vae
+
+        torch.set_num_threads(args.threads)
+        try:
+            spec = json.loads(args.vae)
+            over = json.loads(args.cfg)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
+        if args.seed is not None:
+            over["seed"] = args.seed
+        cfg = Stage1Config.from_overrides(over)
+        mscenes = _scene_list(args.measure_scene, args.measure_corr, "--measure-scene/--measure-corr")
+        if args.measure_only:
+            enc_path = spec.get("encoder") or (args.out / "encoder.safetensors")
+            if not Path(enc_path).is_file():
+                raise InputError(f"--measure-only: {enc_path}: no tuned encoder (give it as the spec's 'encoder')")
+            if not mscenes:
+                raise InputError("--measure-only: give --measure-scene/--measure-corr")
+            base = {k: v for k, v in spec.items() if k != "encoder"}
+            rep = measure_only(load_vae(base, args.weights_dir, cfg.device),
+                               load_vae(dict(base, encoder=str(enc_path)), args.weights_dir, cfg.device), mscenes)
+            rep["vae"] = dict(base, encoder=str(enc_path))
+            atomic_write_json(args.out / "consistency.json", rep)
+            return summary_line(rep)
+        tune = _scene_list(args.scene, args.corr, "--scene/--corr")
+        if not tune:
+            raise InputError("stage 1: give at least one --scene SCENE_JSON --corr CORR_DIR")
+        vae = load_vae(spec, args.weights_dir, cfg.device)
+        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        rep = train_stage1(vae, lp, tune, cfg, args.out, mscenes, spec=spec, progress=True)
+        return summary_line(rep)
+
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""Stage 3: VAE-RF alignment. Fine-tune only the decoder so that latents RENDERED by fitted latent
+fields decode into the photos (rendered latents are blurrier and slightly off-distribution
+compared with encoder outputs; the decoder learns to undo that).
+
+Each alignment scene's field is rendered once at start (no grad) at ALL its views, training
+and held-out, as the authors did, at 1/8 resolution with K[:2] scaled by 1/8 (exact with
+corner-origin pixels) and the background the field was fitted with. Training samples latent
+crops aligned with photo crops (latent cell offset * 8 = pixel offset) and minimises
+L1 + w_lpips * LPIPS between decode(latent crop, clamp=False) and the photo crop.
+
+A fraction `clean_fraction` (default 0.25) of the crops uses clean latents, encoder(photo),
+instead of rendered ones: the decoder must keep decoding clean latents (the VAE ceiling, and
+latents that come from a diffusion model rather than a field); trained on rendered latents
+alone it drifts away from them.
+
+    python -m lrf.finetune.stage3 \
+        --vae '{"kind":"taef2","source":"{weights}/taef2","encoder":"results/vae/taef2/stage1/encoder.safetensors"}' \
+        --weights-dir ../shared/weights \
+        --scene S1/sfm/scene.json --field S1/fields/enc/field.safetensors [--scene ... --field ...] \
+        [--measure-scene X/sfm/scene.json --measure-field X/fields/enc/field.safetensors ...] \
+        --cfg '{"steps": 2000}' --out results/vae/taef2/stage3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrf.cli import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, deterministic, image_tensor,
+                                 latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
+                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
+                                 save_module, say, tensors_sha256, trim8, write_curve)
+from lrf.io import atomic_write_json
+from lrf.scene.model import Scene
+
+CURVE_COLUMNS = ("step", "loss", "l1", "lpips", "clean", "seconds")
+VIEWS = ("all", "train")
+
+
+@dataclass
+class Stage3Config(TrainConfig):
+    clean_fraction: float = 0.25
+    views: str = "all"            # train on "all" views (the authors' choice) or "train" only
+    backend: str = "auto"         # rasteriser for the one-off renders
+
+    RESUME_FREE = TrainConfig.RESUME_FREE | {"backend"}  # renders are pinned by their hash instead
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise InputError("Stage3Config: clean_fraction must be in [0, 1]")
+        if self.views not in VIEWS:
+            raise InputError(f"Stage3Config: views must be one of {', '.join(VIEWS)}")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class AlignScene:
+    """A scene with a latent field fitted on it."""
+
+    scene: Scene
+    field: object                 # lrf.field.GaussianField
+    background: torch.Tensor | None = None
+    field_path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return self.scene.key
+
+
+def load_align_scene(scene_json: str | Path, field_path: str | Path) -> AlignScene:
+    from lrf.evaluate import field_background
+    from lrf.field import load_field
+
+    scene = Scene.load(scene_json)
+    field_path = Path(field_path)
+    if not field_path.is_file():
+        raise InputError(f"{scene.key}: {field_path}: field file missing")
+    try:
+        field = load_field(field_path)
+    except Exception as e:  # noqa: BLE001 - unreadable field
+        raise InputError(f"{scene.key}: {field_path}: cannot load field ({type(e).__name__})") from None
+    return AlignScene(scene, field, field_background(field_path, field.channels), field_path)
+
+
+@torch.no_grad()
+def render_latents(a: AlignScene, ids, backend: str = "auto") -> dict[int, torch.Tensor]:
+    """Field renders [C, H//8, W//8] at views `ids` (K scaled by 1/8; they cover trim8(photo))."""
+    out = {}
+    for i in ids:
+        cam = a.scene.cameras[i]
+        K = cam.K.copy()
+        K[:2] *= 1.0 / DOWNSCALE
+        r = a.field.render(cam.w2c, K, cam.width // DOWNSCALE, cam.height // DOWNSCALE, a.background, backend)
+        out[i] = r.image.detach().permute(2, 0, 1).float().cpu().contiguous()
+    return out
+
+
+class ViewData:
+    """Per scene: rendered latents (all views, once), photos and clean latents (lazily, cached)."""
+
+    def __init__(self, scenes: list[AlignScene], vae, backend: str):
+        self.scenes, self.vae = scenes, vae
+        self.rendered = [render_latents(a, range(len(a.scene.cameras)), backend) for a in scenes]
+        self.photos: dict[tuple[int, int], torch.Tensor] = {}
+        self.clean: dict[tuple[int, int], torch.Tensor] = {}
+
+    def photo(self, s: int, i: int) -> torch.Tensor:
+        if (s, i) not in self.photos:
+            self.photos[(s, i)] = trim8(image_tensor(self.scenes[s].scene, i))
+        return self.photos[(s, i)]
+
+    @torch.no_grad()
+    def clean_latent(self, s: int, i: int) -> torch.Tensor:
+        if (s, i) not in self.clean:
+            self.clean[(s, i)] = self.vae.encode(self.photo(s, i)[None].to(self.vae.device))[0].float().cpu()
+        return self.clean[(s, i)]
+
+    def digest(self) -> list:
+        return [[a.key, tensors_sha256([r[i] for i in sorted(r)])] for a, r in zip(self.scenes, self.rendered)]
+
+
+@torch.no_grad()
+def decode_quality(vae, data: ViewData, s: int, ids, clean: bool = False) -> dict:
+    """Mean PSNR / L1 of decode(rendered or clean latent) against the photo over views `ids`."""
+    ps, l1 = [], []
+    for i in ids:
+        z = data.clean_latent(s, i) if clean else data.rendered[s][i]
+        p, l = psnr_l1(vae.decode(z[None].to(vae.device)).float().cpu(), data.photo(s, i)[None])
+        ps.append(p)
+        l1.append(l)
+    return {"psnr": float(np.mean(ps)) if ps else None, "l1": float(np.mean(l1)) if l1 else None, "views": len(ps)}
+
+
+def measure(vae, data: ViewData, s: int, heldout_only: bool = False) -> dict:
+    sc = data.scenes[s].scene
+    out = {"rendered_test": decode_quality(vae, data, s, sc.test),
+           "clean_test": decode_quality(vae, data, s, sc.test, clean=True)}
+    if not heldout_only:
+        out["rendered_train"] = decode_quality(vae, data, s, sc.train)
+    return out
+
+
+def combine(before: dict, after: dict) -> dict:
+    return {k: {"before": before[k], "after": after[k]} for k in before}
+
+
+def overall(per_scene: dict[str, dict]) -> dict:
+    """View-pooled PSNR / L1 over scenes, per measured quantity."""
+    keys = sorted({k for r in per_scene.values() for k in r})
+    out = {}
+    for k in keys:
+        out[k] = {}
+        for when in ("before", "after"):
+            rows = [r[k][when] for r in per_scene.values() if k in r and r[k][when]["views"]]
+            v = sum(r["views"] for r in rows)
+            out[k][when] = None if v == 0 else {"psnr": sum(r["psnr"] * r["views"] for r in rows) / v,
+                                                "l1": sum(r["l1"] * r["views"] for r in rows) / v, "views": v}
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir: str | Path,
+                 measure_scenes: list[AlignScene] = (), spec: dict | None = None,
+                 stop_at: int | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune vae.decoder in place; write decoder.safetensors, curve.csv, alignment.json.
+
+    Same resume / stop_at contract as lrf.finetune.stage1.train_stage1.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    dec = vae.decoder
+    vae.requires_grad_(False)
+    cells = cfg.crop // DOWNSCALE
+    for a in list(align) + list(measure_scenes):
+        if a.field.channels != vae.latent_channels:
+            raise InputError(f"{a.key}: {a.field_path}: field has {a.field.channels} channels, "
+                             f"the {vae.kind} decoder expects {vae.latent_channels}")
+    for a in align:
+        for c in a.scene.cameras:
+            if c.width // DOWNSCALE < cells or c.height // DOWNSCALE < cells:
+                raise InputError(f"{a.key}: {c.name}: image {c.width}x{c.height} is smaller than the {cfg.crop}px crop")
+    data = ViewData(list(align), vae, cfg.backend)
+    mdata = ViewData(list(measure_scenes), vae, cfg.backend)
+    ids = [list(range(len(a.scene.cameras))) if cfg.views == "all" else list(a.scene.train) for a in align]
+    if not any(ids):
+        raise InputError("stage 3: no views to train on")
+    fp = cfg.fingerprint()
+    fp.update(vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
+              decoder0=tensors_sha256(dec.state_dict().values()),
+              encoder=tensors_sha256(vae.encoder.state_dict().values()),
+              renders=data.digest(), views=[[a.scene.cameras[i].name for i in v] for a, v in zip(align, ids)])
+    fp = json.loads(json.dumps(fp))
+    rng = RNG(cfg.seed)
+    ck = load_checkpoint(out_dir, fp)
+    if ck is not None:
+        tens, meta = ck
+        dec.load_state_dict({k[len("decoder/"):]: v for k, v in tens.items() if k.startswith("decoder/")})
+        opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+        load_optimizer_tensors(opt, tens)
+        rng.restore(tens, meta["rng"])
+        step, seconds, before, mbefore = meta["step"], meta["seconds"], meta["before"], meta["measure_before"]
+        rows = [tuple(r) for r in tens["curve"].tolist()]
+        if progress:
+            say(f"[stage3] resuming from step {step}")
+    else:
+        before = {a.key: measure(vae, data, s) for s, a in enumerate(align)}
+        mbefore = {a.key: measure(vae, mdata, s, heldout_only=True) for s, a in enumerate(measure_scenes)}
+        opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+        step, seconds, rows = 0, 0.0, []
+
+    def checkpoint():
+        t = {f"decoder/{k}": v for k, v in dec.state_dict().items()}
+        t.update(optimizer_tensors(opt))
+        rt, rm = rng.state()
+        t.update(rt)
+        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
+        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
+                                     "before": before, "measure_before": mbefore})
+        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+
+    usable = [s for s, v in enumerate(ids) if v]
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = Progress("stage3", cfg.steps, step, cfg.log_every, progress)
+    dec.requires_grad_(True)
+    try:
+        with deterministic():
+            while step < end:
+                t = Timer()
+                zs, xs, n_clean = [], [], 0
+                for _ in range(cfg.batch):
+                    s = usable[int(rng.np.integers(len(usable)))]
+                    i = ids[s][int(rng.np.integers(len(ids[s])))]
+                    clean = bool(rng.np.random() < cfg.clean_fraction)
+                    z = data.clean_latent(s, i) if clean else data.rendered[s][i]
+                    top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
+                    zs.append(z[:, top:top + ch, left:left + cw])
+                    xs.append(data.photo(s, i)[:, top * DOWNSCALE:(top + ch) * DOWNSCALE,
+                                               left * DOWNSCALE:(left + cw) * DOWNSCALE])
+                    n_clean += clean
+                z, x = torch.stack(zs).to(dev), torch.stack(xs).to(dev)
+                y = vae.decode(z, clamp=False)
+                l1 = (y - x).abs().mean()
+                lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
+                loss = l1 + cfg.w_lpips * lp
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                seconds += t()
+                vals = (float(loss.detach()), float(l1.detach()), float(lp.detach()))
+                rows.append((step, *vals, n_clean / cfg.batch, seconds))
+                bar.update(step, {"loss": vals[0], "l1": vals[1], "lpips": vals[2]}, seconds)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    checkpoint()
+    finally:
+        bar.close()
+        dec.requires_grad_(False)
+    if step < cfg.steps:
+        return None
+
+    per_scene = {a.key: combine(before[a.key], measure(vae, data, s)) for s, a in enumerate(align)}
+    mper = {a.key: combine(mbefore[a.key], measure(vae, mdata, s, heldout_only=True))
+            for s, a in enumerate(measure_scenes)}
+    report = {"stage": 3, "vae": spec, "config": asdict(cfg), "steps": step, "seconds": seconds,
+              "s_per_step": seconds / max(step, 1),
+              "fields": {a.key: None if a.field_path is None else str(a.field_path) for a in align},
+              "scenes": per_scene, "overall": overall(per_scene),
+              "measure": mper, "measure_overall": overall(mper) if mper else None}
+    save_module(out_dir / "decoder.safetensors", dec, {"stage": 3, "steps": step, "vae": spec})
+    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+    atomic_write_json(out_dir / "alignment.json", report)
+    if not cfg.keep_checkpoint:
+        remove_checkpoint(out_dir)
+    return report
+
+
+def measure_only(vae_before, vae_after, scenes: list[AlignScene], backend: str = "auto") -> dict:
+    data = ViewData(scenes, vae_after, backend)  # clean latents: the encoder is the same in both
+    per = {a.key: combine(measure(vae_before, data, s, True), measure(vae_after, data, s, True))
+           for s, a in enumerate(scenes)}
+    return {"stage": 3, "measure_only": True, "measure": per, "measure_overall": overall(per)}
+
+
+def summary_line(report: dict) -> str:
+    def fmt(o):
+        return "n/a" if o is None or o.get("psnr") is None else f"{o['psnr']:.2f}"
+
+    parts = []
+    for name, ov in (("alignment", report.get("overall")), ("measure", report.get("measure_overall"))):
+        if not ov:
+            continue
+        bits = [f"{k} PSNR {fmt(ov[k]['before'])} -> {fmt(ov[k]['after'])}" for k in
+                ("rendered_train", "rendered_test", "clean_test") if k in ov]
+        parts.append(f"{name}: " + ", ".join(bits))
+    head = (f"stage 3: {report['steps']} steps, {report['s_per_step']:.2f} s/step; " if "steps" in report
+            else "stage 3 (measure only): ")
+    return head + "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _scene_list(scenes, fields, what: str) -> list[AlignScene]:
+    scenes, fields = scenes or [], fields or []
+    if len(scenes) != len(fields):
+        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(fields)} field file(s); give them in pairs")
+    return [load_align_scene(s, f) for s, f in zip(scenes, fields)]
+
+
+def main(argv=None) -> int:
+    from lrf.cli import run_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vae", required=True, help="JSON spec: kind, source, encoder (stage 1)[, decoder "
+                                                 "(start point or, with --measure-only, the tuned decoder)]")
+    ap.add_argument("--weights-dir", required=True, type=Path)
+    ap.add_argument("--scene", action="extend", nargs="+", type=Path, help="alignment scene.json (repeatable)")
+    ap.add_argument("--field", action="extend", nargs="+", type=Path, help="its latent field.safetensors")
+    ap.add_argument("--measure-scene", action="extend", nargs="+", type=Path,
+                    help="scene.json only measured (held-out views, before/after), never trained on")
+    ap.add_argument("--measure-field", action="extend", nargs="+", type=Path)
+    ap.add_argument("--cfg", default="{}", help="JSON overrides of Stage3Config")
+    ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="no training: pretrained vs the spec's decoder on --measure-scene")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    def go():
+        from lrf.vaecfg import load_vae
+
+        torch.set_num_threads(args.threads)
+        try:
+            spec = json.loads(args.vae)
+            over = json.loads(args.cfg)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
+        if args.seed is not None:
+            over["seed"] = args.seed
+        cfg = Stage3Config.from_overrides(over)
+        mscenes = _scene_list(args.measure_scene, args.measure_field, "--measure-scene/--measure-field")
+        if args.measure_only:
+            dec_path = spec.get("decoder") or (args.out / "decoder.safetensors")
+            if not Path(dec_path).is_file():
+                raise InputError(f"--measure-only: {dec_path}: no tuned decoder (give it as the spec's 'decoder')")
+            if not mscenes:
+                raise InputError("--measure-only: give --measure-scene/--measure-field")
+            base = {k: v for k, v in spec.items() if k != "decoder"}
+            rep = measure_only(load_vae(base, args.weights_dir, cfg.device),
+                               load_vae(dict(base, decoder=str(dec_path)), args.weights_dir, cfg.device),
+                               mscenes, cfg.backend)
+            rep["vae"] = dict(base, decoder=str(dec_path))
+            atomic_write_json(args.out / "alignment.json", rep)
+            return summary_line(rep)
+        align = _scene_list(args.scene, args.field, "--scene/--field")
+        if not align:
+            raise InputError("stage 3: give at least one --scene SCENE_JSON --field FIELD")
+        vae = load_vae(spec, args.weights_dir, cfg.device)
+        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        rep = train_stage3(vae, lp, align, cfg, args.out, mscenes, spec=spec, progress=True)
+        return summary_line(rep)
+
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""lrf.finetune: correspondence sampling, latent sampling convention, which part trains,
+exact resume and corrupt checkpoints, stage 3 on a synthetic field, and a real-data smoke run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lrf.finetune.common import CKPT_META, CKPT_NAME, crop_origin, inside, sample_latents
+from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, load_corr_scene,
+                                 train_stage1)
+from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
+from lrf.scene.model import Camera, Scene
+from lrf.vae import Autoencoder
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LRF_SHARED") or REPO.parent / "shared")
+TAEF2_DIR = SHARED / "weights" / "taef2"
+LPIPS_DIR = SHARED / "weights" / "lpips"
+HAVE_TAEF2 = (TAEF2_DIR / "taef2_encoder.pth").is_file()
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- fixtures
+class TinyAE(Autoencoder):
+    """A tiny random 8x autoencoder: same interface as the real ones, milliseconds per step."""
+
+    kind = "tiny"
+
+    def __init__(self, channels: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.latent_channels = channels
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                                     nn.Conv2d(8, channels, 3, 2, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(channels, 8, 3, 1, 1), nn.ReLU(),
+                                     nn.Upsample(scale_factor=8, mode="nearest"), nn.Conv2d(8, 3, 3, 1, 1))
+        self.requires_grad_(False)
+
+    def _encode(self, images):
+        return self.encoder(images)
+
+    def _decode(self, latents):
+        return self.decoder(latents)
+
+
+@pytest.fixture(scope="module")
+def taef2():
+    if not HAVE_TAEF2:
+        pytest.skip(f"TAEF2 weights not in {TAEF2_DIR}")
+    from lrf.vae import build_autoencoder
+
+    return build_autoencoder("taef2", TAEF2_DIR)
+
+
+def fresh_taef2():
+    from lrf.vae import build_autoencoder
+
+    return build_autoencoder("taef2", TAEF2_DIR)
+
+
+@pytest.fixture(scope="module")
+def lpips_alex():
+    if not (LPIPS_DIR / "alexnet_features.safetensors").is_file():
+        pytest.skip("LPIPS backbone not found")
+    from lrf.metrics import LPIPS
+
+    return LPIPS("alex", LPIPS_DIR)
+
+
+def smooth_texture(h: int, w: int, seed: int) -> np.ndarray:
+    """uint8 [h, w, 3] random texture with structure at several scales (encoders see edges)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.zeros(1, 3, h, w)
+    for cell in (4, 8, 16):
+        n = torch.rand(1, 3, h // cell + 2, w // cell + 2, generator=g)
+        img += torch.nn.functional.interpolate(n, size=(h, w), mode="bilinear", align_corners=False)
+    img = img / 3
+    return (img[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def camera(name: str, path: Path, w: int, h: int, split: str = "train", tx: float = 0.0) -> Camera:
+    K = np.array([[w * 1.0, 0, w / 2], [0, w * 1.0, h / 2], [0, 0, 1]])
+    w2c = np.eye(4)
+    w2c[:3, 3] = [tx, 0.0, 3.0]
+    return Camera(name, str(path), w, h, K, w2c, split)
+
+
+def shift_scene(tmp: Path, shift: int = 4, w: int = 96, h: int = 96) -> CorrScene:
+    """Image A and B = A moved right by `shift` px; A pixel (x, y) <-> B (x + shift, y), exactly."""
+    tex = smooth_texture(h, w + shift, seed=3)
+    a, b = tex[:, shift:shift + w], tex[:, :w]          # B[:, x] = A[:, x - shift]
+    tmp.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(tmp / "a.png")
+    Image.fromarray(b).save(tmp / "b.png")
+    cams = [camera("a.png", tmp / "a.png", w, h), camera("b.png", tmp / "b.png", w, h)]
+    xs, ys = np.meshgrid(np.arange(2.3, w - shift - 2, 3.1), np.arange(2.7, h - 2, 3.1))
+    xs, ys = xs.ravel(), ys.ravel()
+    m = pd.DataFrame({"image_i": np.zeros(len(xs), np.int32), "image_j": np.ones(len(xs), np.int32),
+                      "point_id": np.arange(len(xs)), "x_i": xs.astype(np.float32), "y_i": ys.astype(np.float32),
+                      "x_j": (xs + shift).astype(np.float32), "y_j": ys.astype(np.float32),
+                      "err_i": np.zeros(len(xs), np.float32), "err_j": np.zeros(len(xs), np.float32)})
+    p = pd.DataFrame({"image_i": [0], "image_j": [1], "matches": [len(xs)], "tri_angle_deg": [5.0],
+                      "baseline_rel": [1.0], "view_angle_deg": [0.0], "weight": [1.0], "split": ["train"],
+                      "name_i": ["a.png"], "name_j": ["b.png"]})
+    return CorrScene(Scene("synthetic", "shift", cams, root=tmp), m, p)
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- conventions
+def test_sample_latents_at_cell_centres_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((16, 16), (8, 8), (6, 5), (47, 63)):
+        z = torch.randn(7, h, w, generator=g)
+        v, u = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        xy = torch.stack([8.0 * u.ravel() + 4, 8.0 * v.ravel() + 4], -1)
+        got = sample_latents(z, xy)
+        want = z[:, v.ravel(), u.ravel()].T
+        if (w & (w - 1)) == 0 and (h & (h - 1)) == 0:   # power-of-two grids: exact in float32
+            assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    # half-way between two cell centres: the mean of the two cells
+    z = torch.randn(3, 4, 4, generator=g)
+    mid = sample_latents(z, torch.tensor([[16.0, 12.0]]))[0]
+    torch.testing.assert_close(mid, (z[:, 1, 1] + z[:, 1, 2]) / 2)
+
+
+def test_crop_origin_keeps_point_inside_at_any_offset():
+    rng = np.random.default_rng(0)
+    origins = [crop_origin(rng, 100.3, 64, 504, 8) for _ in range(300)]
+    assert all(o + 8 <= 100.3 < o + 64 - 8 for o in origins)
+    assert all(0 <= o <= 504 - 64 for o in origins)
+    assert len({o % 8 for o in origins}) == 8            # sub-cell offsets, not only multiples of 8
+    xy = np.array([[10.0, 10.0], [7.9, 30.0], [60.0, 30.0]])
+    assert inside(xy, 0, 0, 64, 8).tolist() == [True, False, False]
+
+
+def test_identical_crops_give_zero_loss_and_shifted_ones_do_not():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 6, 8, 8, generator=g)
+    xy = [np.array([[10.2, 13.7], [33.0, 40.5], [60.0, 9.0]]), np.array([[20.0, 20.0]])]
+    loss, n = correspondence_loss(z, z.clone(), xy, xy, [1.0, 2.5])
+    assert n == 4 and float(loss) == 0.0
+    moved = [a + np.array([4.0, 0.0]) for a in xy]
+    loss2, _ = correspondence_loss(z, z.clone(), xy, moved, [1.0, 2.5])
+    assert float(loss2) > 0
+
+
+# ----------------------------------------------------------------------------- stage 1
+def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
+    """A and A shifted by 4 px (half a latent cell): the pretrained encoder disagrees at exact
+    correspondences; training on them lowers the disagreement; only the encoder changes."""
+    import copy
+
+    vae = copy.deepcopy(taef2)
+    cs = shift_scene(tmp_path / "img")
+    dec0, enc0 = state(vae.decoder), state(vae.encoder)
+    cfg = Stage1Config(steps=8, crop=64, batch=2, lr=1e-4, w_lpips=0.0, lambda_corr=3.0, w_stats=0.1,
+                       corr_margin=8, checkpoint_every=0, log_every=1)
+    rep = train_stage1(vae, None, [cs], cfg, tmp_path / "out", progress=False)
+    tr = rep["tuning"][cs.key]["train"]
+    assert tr["before"]["matches"] > 100
+    assert tr["before"]["l1"] > 0.05                  # a sub-cell shift is inconsistent before
+    assert tr["after"]["l1"] < 0.9 * tr["before"]["l1"]
+    assert same(state(vae.decoder), dec0)             # decoder untouched
+    assert not same(state(vae.encoder), enc0)
+    curve = pd.read_csv(tmp_path / "out" / "curve.csv")
+    assert list(curve.columns) == ["step", "loss", "recon_l1", "lpips", "corr", "stats", "seconds"]
+    assert len(curve) == 8 and (curve["corr"] > 0).all()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "encoder.safetensors"))
+    assert same(saved, state(vae.encoder))
+    assert not (tmp_path / "out" / CKPT_NAME).exists()
+
+
+def _tiny_stage1(out, lpips, stop_at=None, steps=5):
+    vae = TinyAE(4, seed=0)
+    cs = _tiny_stage1.scene
+    cfg = Stage1Config(steps=steps, crop=32, batch=2, lr=1e-3, w_lpips=1.0, lambda_corr=1.0,
+                       checkpoint_every=2, seed=7)
+    rep = train_stage1(vae, lpips, [cs], cfg, out, stop_at=stop_at, progress=False)
+    return vae, rep
+
+
+def test_stage1_resume_is_exact_and_corrupt_checkpoint_ignored(tmp_path, lpips_alex):
+    _tiny_stage1.scene = shift_scene(tmp_path / "img", w=64, h=48)
+    full, rep_full = _tiny_stage1(tmp_path / "full", lpips_alex)
+    ref = state(full.encoder)
+    assert not same(ref, state(TinyAE(4, seed=0).encoder))
+    assert same(state(full.decoder), state(TinyAE(4, seed=0).decoder))
+
+    # killed after step 3 (last checkpoint at 2), then resumed
+    part, rep = _tiny_stage1(tmp_path / "cut", lpips_alex, stop_at=3)
+    assert rep is None and (tmp_path / "cut" / CKPT_NAME).exists()
+    assert json.loads((tmp_path / "cut" / CKPT_META).read_text())["step"] == 2
+    resumed, rep2 = _tiny_stage1(tmp_path / "cut", lpips_alex)
+    assert same(state(resumed.encoder), ref)
+    c1, c2 = (pd.read_csv(d / "curve.csv") for d in (tmp_path / "full", tmp_path / "cut"))
+    assert c1.drop(columns="seconds").equals(c2.drop(columns="seconds"))
+    assert rep2["overall"]["heldout"] == rep_full["overall"]["heldout"]
+
+    # a truncated checkpoint: ignored with a warning, the run starts fresh and ends the same
+    _tiny_stage1(tmp_path / "bad", lpips_alex, stop_at=2)
+    ck = tmp_path / "bad" / CKPT_NAME
+    ck.write_bytes(ck.read_bytes()[:-100])
+    with pytest.warns(RuntimeWarning, match="ignoring checkpoint"):
+        again, _ = _tiny_stage1(tmp_path / "bad", lpips_alex)
+    assert same(state(again.encoder), ref)
+    # garbage with a matching hash (not safetensors at all): also ignored
+    _tiny_stage1(tmp_path / "junk", lpips_alex, stop_at=2)
+    import hashlib
+
+    ck = tmp_path / "junk" / CKPT_NAME
+    ck.write_bytes(b"\x00" * 64)
+    meta = json.loads((tmp_path / "junk" / CKPT_META).read_text())
+    meta["sha256"] = hashlib.sha256(b"\x00" * 64).hexdigest()
+    (tmp_path / "junk" / CKPT_META).write_text(json.dumps(meta))
+    with pytest.warns(RuntimeWarning, match="cannot parse"):
+        again, _ = _tiny_stage1(tmp_path / "junk", lpips_alex)
+    assert same(state(again.encoder), ref)
+
+
+def test_stage1_cli_one_line_errors(tmp_path):
+    cs = shift_scene(tmp_path / "img", w=64, h=48)
+    cs.scene.save(tmp_path / "scene.json")
+    from lrf.correspondences import write
+
+    write(tmp_path / "corr", cs.matches, cs.pairs, {})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "lrf.finetune.stage1", "--vae", '{"kind":"taef2","source":"x"}',
+                        "--weights-dir", str(tmp_path), "--scene", str(tmp_path / "scene.json"),
+                        "--cfg", '{"stepz": 3}', "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(err) == 1 and "stepz" in err[0]
+    loaded = load_corr_scene(tmp_path / "scene.json", tmp_path / "corr")
+    assert len(loaded.matches) == len(cs.matches) and loaded.scene.cameras[1].name == "b.png"
+    with pytest.raises(Exception, match="missing"):
+        load_corr_scene(tmp_path / "scene.json", tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- stage 3
+def tiny_field_scene(tmp: Path, channels: int, w: int = 64, h: int = 64) -> AlignScene:
+    from lrf.field import GaussianField
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    cams = []
+    for k, (tx, split) in enumerate(((-0.3, "train"), (0.0, "test"), (0.3, "train"))):
+        Image.fromarray(smooth_texture(h, w, seed=10 + k)).save(tmp / f"v{k}.png")
+        cams.append(camera(f"v{k}.png", tmp / f"v{k}.png", w, h, split, tx))
+    rng = np.random.default_rng(0)
+    field = GaussianField.random_init(300, channels, extent=0.8, features=rng.standard_normal((300, channels)),
+                                      init_opacity=0.5, init_scale=1.5, seed=1)
+    return AlignScene(Scene("synthetic", "field", cams, root=tmp), field, None, None)
+
+
+def _tiny_stage3(out, a, stop_at=None, steps=6):
+    vae = TinyAE(8, seed=1)
+    cfg = Stage3Config(steps=steps, crop=32, batch=3, lr=3e-3, w_lpips=0.0, checkpoint_every=2, seed=3,
+                       clean_fraction=0.25, backend="cpu")
+    return vae, train_stage3(vae, None, [a], cfg, out, measure_scenes=[a], stop_at=stop_at, progress=False)
+
+
+def test_stage3_decoder_aligns_to_rendered_latents(tmp_path):
+    a = tiny_field_scene(tmp_path / "img", 8)
+    vae, rep = _tiny_stage3(tmp_path / "out", a, steps=12)
+    base = TinyAE(8, seed=1)
+    assert same(state(vae.encoder), state(base.encoder))   # only the decoder trains
+    assert not same(state(vae.decoder), state(base.decoder))
+    tr = rep["overall"]["rendered_train"]
+    assert tr["after"]["l1"] < tr["before"]["l1"]
+    curve = pd.read_csv(tmp_path / "out" / "curve.csv")
+    assert list(curve.columns) == ["step", "loss", "l1", "lpips", "clean", "seconds"]
+    assert curve["loss"].iloc[-4:].mean() < curve["loss"].iloc[:4].mean()
+    assert set(rep["measure"]["synthetic/field"]) == {"rendered_test", "clean_test"}
+    from safetensors.torch import load_file
+
+    assert same(load_file(str(tmp_path / "out" / "decoder.safetensors")), state(vae.decoder))
+    # exact resume
+    _tiny_stage3(tmp_path / "cut", a, stop_at=3, steps=12)
+    resumed, _ = _tiny_stage3(tmp_path / "cut", a, steps=12)
+    assert same(state(resumed.decoder), state(vae.decoder))
+
+
+# ----------------------------------------------------------------------------- real data
+FERN = REPO / "results" / "llff" / "fern"
+
+
+def fern_subset(tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScene:
+    """A few fern views at reduced size (pixel coords scale exactly with corner-origin pixels)."""
+    cs = load_corr_scene(FERN / "sfm" / "scene.json", FERN / "correspondences")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cams = []
+    for i in keep:
+        c = cs.scene.cameras[i]
+        with Image.open(cs.scene.image_path(i)) as im:
+            small = im.convert("RGB").resize((round(c.width * scale), round(c.height * scale)), Image.BOX)
+        small.save(tmp / c.name)
+        s = c.scaled(scale)
+        s.image_path = str(tmp / c.name)
+        cams.append(s)
+    remap = {o: n for n, o in enumerate(keep)}
+    m = cs.matches[cs.matches.image_i.isin(keep) & cs.matches.image_j.isin(keep)].copy()
+    p = cs.pairs[cs.pairs.image_i.isin(keep) & cs.pairs.image_j.isin(keep)].copy()
+    for df in (m, p):
+        df["image_i"] = df["image_i"].map(remap).astype(np.int32)
+        df["image_j"] = df["image_j"].map(remap).astype(np.int32)
+    for col in ("x_i", "y_i", "x_j", "y_j"):
+        m[col] = (m[col] * scale).astype(np.float32)
+    return CorrScene(Scene(cs.scene.dataset, cs.scene.name, cams), m.reset_index(drop=True), p.reset_index(drop=True))
+
+
+@pytest.mark.skipif(not (FERN / "correspondences" / "pairs.parquet").is_file(), reason="no fern results")
+def test_fern_smoke_heldout_consistency(tmp_path, taef2):
+    import copy
+
+    cs = fern_subset(tmp_path / "img", [0, 1, 2, 3])
+    assert cs.scene.test == [0] and (cs.pairs.split == "heldout").any()
+    vae = copy.deepcopy(taef2)
+    cfg = Stage1Config(steps=6, crop=48, batch=2, lr=1e-4, w_lpips=0.0, lambda_corr=1.0, w_stats=0.1,
+                       corr_margin=6, checkpoint_every=0)
+    rep = train_stage1(vae, None, [cs], cfg, tmp_path / "out", progress=False)
+    doc = json.loads((tmp_path / "out" / "consistency.json").read_text())
+    h = doc["tuning"]["llff/fern"]["heldout"]
+    assert h["before"]["matches"] > 50 and h["before"]["l1"] > 0
+    assert h["after"]["l1"] < h["before"]["l1"]
+    r = doc["overall"]["recon"]
+    assert r["after"]["psnr"] > r["before"]["psnr"] - 2.0     # reconstruction must not collapse
+    assert doc["overall"]["heldout"]["before"]["l1"] == pytest.approx(h["before"]["l1"])

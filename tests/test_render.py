@@ -1,0 +1,254 @@
+"""Tests for lrf.render: fast CPU rasterizer vs brute-force reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lrf.bench import make_scene
+from lrf.render import RenderOutput, _resolve_backend, rasterize
+from lrf.render.cpu import composite_cpu
+from lrf.render.project import project_gaussians
+from lrf.render.reference import composite_reference
+
+PARAMS = ("means", "quats", "scales", "opacities", "features", "background")
+
+
+def mixed_scene(n: int, c: int, width: int, height: int, seed: int,
+                dtype=torch.float64) -> dict:
+    """Random frustum scene plus hard cases: behind the camera, at the near
+    plane, off-screen but overlapping, huge, tiny, nearly opaque, invisible."""
+    s = make_scene(n, c, width, height, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1000)
+    R, t = s["viewmat"][:3, :3], s["viewmat"][:3, 3]
+    f, cx, cy = s["K"][0, 0], s["K"][0, 2], s["K"][1, 2]
+
+    def world(u, v, z):  # pixel (u, v) at depth z -> world point
+        p = torch.stack([(u - cx) * z / f, (v - cy) * z / f, z], -1)
+        return (p - t) @ R
+
+    extra_cam = [  # (u, v, z, scale, opacity)
+        (width / 2, height / 2, -3.0, 0.3, 0.9),  # behind the camera
+        (width / 3, height / 2, 0.005, 0.01, 0.9),  # in front of the near plane
+        (-3.0, height / 2, 3.0, 0.15, 0.8),  # centre off-screen, overlapping
+        (width + 2.0, -2.0, 3.0, 0.2, 0.6),  # off a corner
+        (width * 4.0, height / 2, 3.0, 0.05, 0.9),  # far off-screen: culled
+        (width / 2, height / 2, 4.0, 1.5, 0.5),  # huge
+        (width / 4, height / 4, 5.0, 1e-4, 0.9),  # tiny (eps2d dominated)
+        (width / 2 + 0.3, height / 2 - 0.2, 2.5, 0.05, 0.9999),  # alpha clamped to 0.99
+        (width / 2, height / 3, 3.0, 0.2, 1e-3),  # opacity < 1/255: culled
+    ]
+    # A stack of opaque Gaussians so that early termination (T <= 1e-4) kicks in.
+    for i in range(8):
+        extra_cam.append((width * 0.7 + 0.1 * i, height * 0.6, 2.2 + 0.05 * i, 0.12, 0.97))
+    u, v, z, sc, op = (torch.tensor(col, dtype=torch.float64) for col in zip(*extra_cam))
+    m = len(extra_cam)
+    s["means"] = torch.cat([s["means"], world(u, v, z)])
+    s["scales"] = torch.cat([s["scales"], sc[:, None] * torch.exp(
+        0.3 * torch.randn(m, 3, generator=g, dtype=torch.float64))])
+    s["quats"] = torch.cat([s["quats"], torch.randn(m, 4, generator=g, dtype=torch.float64)])
+    s["opacities"] = torch.cat([s["opacities"], op])
+    s["features"] = torch.cat([s["features"],
+                               torch.randn(m, c, generator=g, dtype=torch.float64)])
+    s["background"] = torch.randn(c, generator=g, dtype=torch.float64)
+    return {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in s.items()}
+
+
+def render_with_grads(scene: dict, backend: str, seed: int = 7):
+    """Render, backprop random cotangents; return outputs and input grads."""
+    p = {k: scene[k].clone().requires_grad_(True) for k in PARAMS}
+    out = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["features"],
+                    scene["viewmat"], scene["K"], scene["width"], scene["height"],
+                    background=p["background"], backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    gi = torch.randn(out.image.shape, generator=g, dtype=torch.float64).to(out.image)
+    ga = torch.randn(out.alpha.shape, generator=g, dtype=torch.float64).to(out.alpha)
+    ((out.image * gi).sum() + (out.alpha * ga).sum()).backward()
+    grads = {k: p[k].grad for k in PARAMS}
+    grads["means2d"] = out.means2d.grad
+    return out, grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+SCENES = [  # n, C, width, height, seed
+    (150, 1, 16, 16, 0),
+    (300, 3, 24, 17, 1),
+    (600, 32, 33, 21, 2),
+    (1200, 4, 40, 30, 3),
+]
+
+
+@pytest.mark.parametrize("n,c,w,h,seed", SCENES)
+def test_cpu_matches_reference_float64(n, c, w, h, seed):
+    scene = mixed_scene(n, c, w, h, seed)
+    ref, gref = render_with_grads(scene, "reference")
+    out, gout = render_with_grads(scene, "cpu")
+    assert out.image.shape == (h, w, c) and out.alpha.shape == (h, w)
+    assert rel_err(out.image, ref.image) < 1e-10
+    assert (out.alpha - ref.alpha).abs().max() < 1e-10
+    assert torch.equal(out.radii, ref.radii)
+    # The hard cases really are exercised.
+    assert (out.radii == 0).sum() >= 4 and out.alpha.max() > 0.999
+    for k in gref:
+        assert gout[k] is not None and torch.isfinite(gout[k]).all(), k
+        assert rel_err(gout[k], gref[k]) < 1e-5, (k, rel_err(gout[k], gref[k]))
+
+
+def test_cpu_matches_reference_float32():
+    scene = mixed_scene(2000, 8, 48, 36, seed=5, dtype=torch.float32)
+    ref, gref = render_with_grads(scene, "reference")
+    out, gout = render_with_grads(scene, "cpu")
+    assert rel_err(out.image, ref.image) < 1e-4
+    assert (out.alpha - ref.alpha).abs().max() < 1e-4
+    for k in gref:
+        assert rel_err(gout[k], gref[k]) < 2e-3, (k, rel_err(gout[k], gref[k]))
+
+
+def test_target_sized_scene_float64_smoke():
+    """A dense latent-sized scene (many early terminations) still matches."""
+    scene = make_scene(2500, 4, 28, 20, seed=11, dtype=torch.float64)
+    scene["background"] = torch.zeros(4, dtype=torch.float64)
+    ref, gref = render_with_grads(scene, "reference")
+    out, gout = render_with_grads(scene, "cpu")
+    assert rel_err(out.image, ref.image) < 1e-10
+    for k in gref:
+        assert rel_err(gout[k], gref[k]) < 1e-5, k
+
+
+def _tiny_inputs():
+    torch.manual_seed(0)
+    means = torch.tensor([[0.0, 0.0, 3.0], [0.3, -0.2, 3.5], [-0.4, 0.3, 4.0]],
+                         dtype=torch.float64)
+    quats = torch.randn(3, 4, dtype=torch.float64)
+    scales = torch.tensor([[0.3, 0.2, 0.25], [0.25, 0.4, 0.3], [0.35, 0.3, 0.2]],
+                          dtype=torch.float64)
+    opac = torch.tensor([0.6, 0.5, 0.7], dtype=torch.float64)
+    feats = torch.randn(3, 2, dtype=torch.float64)
+    bg = torch.tensor([0.2, -0.1], dtype=torch.float64)
+    K = torch.tensor([[6.0, 0, 3.5], [0, 6.0, 3.0], [0, 0, 1]], dtype=torch.float64)
+    return (means, quats, scales, opac, feats, bg), torch.eye(4, dtype=torch.float64), K
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_tiny(backend):
+    inputs, viewmat, K = _tiny_inputs()
+    inputs = tuple(x.clone().requires_grad_(True) for x in inputs)
+
+    def fn(means, quats, scales, opac, feats, bg):
+        out = rasterize(means, quats, scales, opac, feats, viewmat, K, 7, 6,
+                        background=bg, backend=backend)
+        return out.image, out.alpha
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_single_isotropic_gaussian_peak():
+    """Gaussian on the principal axis: centre pixel = opacity * feature."""
+    W = H = 9
+    f, z, s, op = 10.0, 2.0, 0.05, 0.7
+    K = torch.tensor([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]], dtype=torch.float64)
+    feat = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64)
+    out = rasterize(torch.tensor([[0.0, 0.0, z]], dtype=torch.float64),
+                    torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
+                    torch.full((1, 3), s, dtype=torch.float64),
+                    torch.tensor([op], dtype=torch.float64), feat,
+                    torch.eye(4, dtype=torch.float64), K, W, H, backend="cpu")
+    assert isinstance(out, RenderOutput)
+    assert torch.allclose(out.image[4, 4], op * feat[0], atol=1e-12)
+    assert out.alpha[4, 4].item() == pytest.approx(op, abs=1e-12)
+    assert out.alpha.argmax().item() == 4 * W + 4
+    var = (f * s / z) ** 2 + 0.3  # projected variance + eps2d blur
+    assert out.image[4, 5, 0].item() == pytest.approx(op * math.exp(-0.5 / var) * 0.3, rel=1e-9)
+    assert out.radii.item() == math.ceil(3 * math.sqrt(var))
+    assert torch.allclose(out.means2d.detach(), torch.tensor([[W / 2, H / 2]],
+                                                             dtype=torch.float64))
+    assert out.depths.item() == pytest.approx(z)
+
+
+def test_auto_backend_is_cpu_on_cpu_tensors():
+    assert _resolve_backend("auto", torch.device("cpu")) == "cpu"
+    scene = mixed_scene(200, 3, 20, 15, seed=4)
+    kw = {k: scene[k] for k in ("viewmat", "K", "width", "height", "background")}
+    args = [scene[k] for k in PARAMS[:5]]
+    a = rasterize(*args, **kw, backend="auto")
+    b = rasterize(*args, **kw, backend="cpu")
+    assert torch.equal(a.image, b.image) and torch.equal(a.alpha, b.alpha)
+    with pytest.raises(ValueError):
+        rasterize(*args, **kw, backend="nope")
+
+
+def test_means2d_grad_populated_for_visible():
+    scene = mixed_scene(400, 3, 24, 18, seed=6)
+    out, grads = render_with_grads(scene, "cpu")
+    g = grads["means2d"]
+    assert g is not None and g.shape == (scene["means"].shape[0], 2)
+    vis = out.radii > 0
+    assert (g[~vis] == 0).all()
+    assert (g[vis].abs().sum(1) > 0).float().mean() > 0.5  # most visible ones get a grad
+
+
+def test_nothing_visible_gives_background():
+    scene = mixed_scene(50, 3, 12, 10, seed=8)
+    p = {k: scene[k].clone().requires_grad_(True) for k in PARAMS}
+    flip = torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
+    out = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["features"],
+                    flip @ scene["viewmat"] @ flip.new_tensor(
+                        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 100.0], [0, 0, 0, 1]]),
+                    scene["K"], 12, 10, background=p["background"], backend="cpu")
+    assert (out.radii == 0).all()
+    assert torch.allclose(out.image, p["background"].detach().expand(10, 12, 3))
+    assert (out.alpha == 0).all()
+    out.image.sum().backward()
+    assert torch.allclose(p["background"].grad, torch.full((3,), 120.0, dtype=torch.float64))
+
+
+def test_composite_functions_agree_directly():
+    """The compositors also agree when called without rasterize()."""
+    scene = mixed_scene(300, 5, 20, 14, seed=9)
+    pr = project_gaussians(scene["means"], scene["quats"], scene["scales"],
+                           scene["opacities"], scene["viewmat"], scene["K"], 20, 14)
+    idx = pr.visible.nonzero().squeeze(1)
+    order = idx[torch.argsort(pr.depths[idx], stable=True)]
+    a = composite_cpu(pr.means2d, pr.conics, scene["opacities"], scene["features"],
+                      scene["background"], order, 20, 14)
+    b = composite_reference(pr.means2d[order], pr.conics[order], scene["opacities"][order],
+                            scene["features"][order], scene["background"], 20, 14,
+                            max_chunk_elems=20000)  # exercise pixel chunking
+    assert torch.allclose(a[0], b[0], atol=1e-12) and torch.allclose(a[1], b[1], atol=1e-12)
+
+
+def test_gsplat_backend_needs_gsplat_or_cuda():
+    from lrf.render.gsplat_backend import gsplat_available
+
+    scene = mixed_scene(20, 3, 8, 8, seed=10)
+    args = [scene[k] for k in PARAMS[:5]]
+    with pytest.raises((ImportError, ValueError)):
+        rasterize(*args, scene["viewmat"], scene["K"], 8, 8, backend="gsplat")
+    if not gsplat_available():
+        with pytest.raises(ImportError, match="gsplat"):
+            rasterize(*args, scene["viewmat"], scene["K"], 8, 8, backend="gsplat")
+
+
+def test_row_bands_give_identical_results():
+    """Rendering in bands of image rows (bounded memory) changes nothing."""
+    scene = mixed_scene(500, 4, 26, 19, seed=12)
+    pr = project_gaussians(scene["means"], scene["quats"], scene["scales"],
+                           scene["opacities"], scene["viewmat"], scene["K"], 26, 19)
+    idx = pr.visible.nonzero().squeeze(1)
+    order = idx[torch.argsort(pr.depths[idx], stable=True)]
+    results = []
+    for budget in (1 << 22, 300, 1):  # one band, several, one row per band
+        inp = [t.detach().clone().requires_grad_(True)
+               for t in (pr.means2d, pr.conics, scene["opacities"], scene["features"],
+                         scene["background"])]
+        img, alpha = composite_cpu(*inp, order, 26, 19, band_budget=budget)
+        (img.square().sum() + alpha.sum()).backward()
+        results.append([img, alpha] + [t.grad for t in inp])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

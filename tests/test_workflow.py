@@ -1,0 +1,194 @@
+"""The real Snakemake workflow, run on copies of Snakefile/workflow/config in a temporary folder.
+
+All Snakemake invocations of this module start together (one module fixture) so their
+start-up times overlap: a real run with a good and a bad scene, a dry run, and dry runs with
+configs or sheets that break the schemas.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import _copy_scene, lrf_env, make_workflow, snakemake_cmd
+
+FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
+        "poses": "given", "max_side": 192, "max_images": 6}
+
+
+@dataclass
+class Ran:
+    wf: Path
+    rc: int
+    out: str   # stdout + stderr
+    err: str   # stderr only
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def runs(shared_dir, data_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("workflow")
+    # the bad scene: a copy of fern (8 images) with one image overwritten by garbage
+    bad_root = _copy_scene(data_dir / "llff/fern", base / "data" / "badfern", "images_8", keep=8)
+    bad_image = bad_root / "images_8" / "image003.png"
+    bad_image.write_bytes(b"\x89PNG garbage " * 50)
+    bad = {**FERN, "scene": "badfern", "path": str(bad_root)}
+
+    jobs = {
+        # explicit targets: the stages this test covers (prepare -> sfm -> correspondences), not the
+        # VAE / field / evaluation stages that the default target also builds
+        "real": (make_workflow(base / "real", [FERN, bad], shared_dir),
+                 ["--cores", "2", "--keep-going", "results/llff/fern/correspondences/summary.json",
+                  "results/llff/badfern/correspondences/summary.json"]),
+        "dry": (make_workflow(base / "dry", [FERN], shared_dir), ["-n", "--cores", "2"]),  # the default target
+        "unknown_key": (make_workflow(base / "unknown_key", [FERN], shared_dir, bogus_option=1), ["-n", "--cores", "1"]),
+        "space": (make_workflow(base / "space", [FERN, {**FERN, "scene": "my fern"}], shared_dir, select=["llff/fern"]),
+                  ["-n", "--cores", "1"]),
+    }
+    procs = {}
+    for name, (wf, args) in jobs.items():
+        so, se = open(wf / "_stdout.txt", "w"), open(wf / "_stderr.txt", "w")
+        procs[name] = (subprocess.Popen(snakemake_cmd(wf, *args), cwd=wf, env=lrf_env(shared_dir), stdout=so,
+                                        stderr=se), so, se, wf, time.perf_counter())
+    result = {}
+    for name, (p, so, se, wf, t0) in procs.items():
+        try:
+            rc = p.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+        so.close(); se.close()
+        err = (wf / "_stderr.txt").read_text()
+        result[name] = Ran(wf, rc, (wf / "_stdout.txt").read_text() + err, err, time.perf_counter() - t0)
+    result["bad_image"] = bad_image.resolve()
+    return result
+
+
+def test_good_scene_completes_bad_scene_fails(runs):
+    r = runs["real"]
+    assert r.rc != 0, r.out[-3000:]  # --keep-going: the bad scene fails the run, the good one finishes
+    res = r.wf / "results" / "llff"
+    for f in ("prepared/scene.json", "sfm/scene.json", "sfm/points.npz", "sfm/stats.json",
+              "correspondences/matches.parquet", "correspondences/pairs.parquet", "correspondences/summary.json"):
+        assert (res / "fern" / f).exists(), f
+    stats = json.loads((res / "fern/sfm/stats.json").read_text())
+    assert stats["scene"] == "llff/fern" and stats["images"] == stats["registered"] == 6
+    assert stats["points"] >= 50 and stats["mean_reprojection_error_px"] < 1.5
+    m = pd.read_parquet(res / "fern/correspondences/matches.parquet")
+    pairs = pd.read_parquet(res / "fern/correspondences/pairs.parquet")
+    assert len(m) > 100 and len(pairs) > 0 and m["image_j"].max() < 6
+    assert json.loads((res / "fern/correspondences/summary.json").read_text())["matches"] == len(m)
+    prepared = json.loads((res / "fern/prepared/scene.json").read_text())
+    assert [(c["width"], c["height"]) for c in prepared["cameras"]] == [(192, 144)] * 6
+    assert sum(c["split"] == "test" for c in prepared["cameras"]) == 1
+
+    assert not (res / "badfern" / "prepared" / "scene.json").exists()
+    assert not (res / "badfern" / "sfm").exists()
+
+
+def test_bad_scene_error_is_one_line(runs):
+    r = runs["real"]
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("ERROR ")]
+    assert len(errors) == 1, r.err[-3000:]
+    assert errors[0].startswith(f"ERROR llff/badfern: {runs['bad_image']}: cannot decode image"), errors[0]
+    assert "Traceback" not in r.err
+
+
+def test_logs_are_written(runs):
+    logs = runs["real"].wf / "results" / "logs"
+    for step in ("prepare", "sfm", "correspondences"):
+        text = (logs / step / "llff" / "fern.log").read_text()
+        assert "llff/fern" in text and "ERROR" not in text
+    bad_log = (logs / "prepare" / "llff" / "badfern.log").read_text()
+    assert f"ERROR llff/badfern: {runs['bad_image']}" in bad_log
+
+
+def test_dry_run_lists_the_rules(runs):
+    r = runs["dry"]
+    assert r.rc == 0, r.out[-3000:]
+    for rule in ("prepare", "sfm", "correspondences"):
+        assert f"rule {rule}:" in r.out
+    assert "results/llff/fern/correspondences/summary.json" in r.out
+    assert "results/llff/fern/sfm/stats.json" in r.out
+    assert not (r.wf / "results").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("unknown_key", "Additional properties are not allowed ('bogus_option' was unexpected)"),  # config.yaml
+    ("space", "'my fern' does not match"),                                                     # scene sheet
+])
+def test_schema_violations_fail_clearly(runs, case, expected):
+    """Through Snakemake itself: the workflow refuses to start, with the offending value named."""
+    r = runs[case]
+    assert r.rc != 0
+    assert "ValidationError" in r.out and expected in r.out, r.out[-3000:]
+    assert "Traceback" not in r.out
+    assert not (r.wf / "results").exists()
+
+
+# In-process, with the same validate() and schema files the workflow uses (no Snakemake start-up).
+def _config(repo_dir, **changes):
+    import yaml
+
+    cfg = yaml.safe_load((repo_dir / "config" / "config.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        d = cfg
+        for p in parents:
+            d = d[p]
+        d[leaf] = value
+    return cfg
+
+
+def test_repository_config_and_sheet_are_valid(repo_dir):
+    from snakemake.utils import validate
+
+    validate(_config(repo_dir), str(repo_dir / "config/schemas/config.schema.yaml"))
+    sheet = pd.read_csv(repo_dir / "config/scenes.tsv", sep="\t", dtype=str, keep_default_na=False, comment="#")
+    for row in sheet.to_dict("records"):
+        row = {k: (v if v != "" else None) for k, v in row.items()}
+        for k in ("max_side", "max_images"):
+            row[k] = None if row[k] is None else int(row[k])
+        row["downscale"] = None if row["downscale"] is None else float(row["downscale"])
+        validate(row, str(repo_dir / "config/schemas/scenes.schema.yaml"))
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"seed": "zero"}, "'zero' is not of type 'integer'"),
+    ({"sfm.max_features": 10}, "10 is less than the minimum of 128"),
+    ({"sfm.matcher": "fastest"}, "'fastest' is not one of"),
+    ({"correspondences.min_track": 1}, "1 is less than the minimum of 2"),
+    ({"select": ["llff/../etc"]}, "is not valid under any of the given schemas"),
+    ({"sfm.typo": 1}, "Additional properties are not allowed ('typo' was unexpected)"),
+])
+def test_config_schema_rejects(repo_dir, changes, expected):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    with pytest.raises(WorkflowError) as ei:
+        validate(_config(repo_dir, **changes), str(repo_dir / "config/schemas/config.schema.yaml"))
+    assert expected in ei.value.args[0], ei.value.args[0][:500]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"scene": "a..b"}, "'a..b' should not be valid under"),
+    ({"dataset": ".."}, "'..' does not match"),
+    ({"scene": "my fern"}, "'my fern' does not match"),
+    ({"path": "llff/fern; rm -rf x"}, "does not match"),
+    ({"format": "blender"}, "'blender' is not one of"),
+    ({"max_images": 2}, "2 is less than the minimum of 3"),
+    ({"colour": "red"}, "Additional properties are not allowed ('colour' was unexpected)"),
+])
+def test_sheet_schema_rejects(repo_dir, change, expected):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    row = {**FERN, "downscale": None, **change}
+    with pytest.raises(WorkflowError) as ei:
+        validate(row, str(repo_dir / "config/schemas/scenes.schema.yaml"))
+    assert expected in ei.value.args[0], ei.value.args[0][:500]
