@@ -5,6 +5,10 @@ forward+backward for latent-sized images, and the iterations/second of the
 target case (20k Gaussians x 32 channels x 63x47, the latent of a 504x376
 photo; goal >= 5 it/s on 2 cores).
 
+Run as a script it sets OMP_WAIT_POLICY=PASSIVE unless already set (see
+below), and prints the load average and CPU seconds per iteration so that
+timings taken on a busy machine can be judged.
+
 Scenes are realistic rather than degenerate: means uniform in the camera
 frustum (slightly beyond the image edges) at depths 2..6, log-uniform scales
 giving radii of a few latent pixels, opacities 0.1..0.9, seen through a
@@ -15,12 +19,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
-import torch
+if __name__ == "__main__":
+    # Spinning OpenMP workers collapse throughput when the cores are shared
+    # (other jobs running): 2-thread timings got 3-5x worse than 1 thread.
+    # Must be set before torch loads libgomp; export OMP_WAIT_POLICY=ACTIVE
+    # to measure the default behaviour.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lrf.render import rasterize
+import torch  # noqa: E402
+
+from lrf.render import rasterize  # noqa: E402
 
 TARGET = (20_000, 32, 63, 47)  # N, C, width, height
 TARGET_ITS = 5.0
@@ -70,8 +82,10 @@ def make_scene(n: int, channels: int, width: int, height: int, seed: int = 0,
 _PARAMS = ("means", "quats", "scales", "opacities", "features")
 
 
-def time_fwd_bwd(scene: dict, backend: str, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per forward+backward (fixed random cotangents on image and alpha)."""
+def time_fwd_bwd(scene: dict, backend: str, repeats: int, warmup: int = 1,
+                 cpu_times: list | None = None) -> list[float]:
+    """Wall seconds per forward+backward (fixed random cotangents on image and
+    alpha); process CPU seconds are appended to ``cpu_times`` if given."""
     params = {k: scene[k].clone().requires_grad_(True) for k in _PARAMS}
     rest = {k: v for k, v in scene.items() if k not in _PARAMS}
     g = torch.Generator().manual_seed(1)
@@ -80,11 +94,13 @@ def time_fwd_bwd(scene: dict, backend: str, repeats: int, warmup: int = 1) -> li
     g_alpha = torch.randn(H, W, generator=g).to(scene["features"])
     times = []
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = rasterize(**params, **rest, backend=backend)
         ((out.image * g_img).sum() + (out.alpha * g_alpha).sum()).backward()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
         for p in params.values():
             p.grad = None
     return times
@@ -97,17 +113,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ref-budget", type=float, default=None,
-                    help="skip the reference when visible Gaussians x pixels exceeds this")
+                    help="skip the dense reference (about 0.2 us per Gaussian-pixel on 2 "
+                         "cores) when N x pixels exceeds this; default 7e7 with --quick, "
+                         "else 4e8 (everything)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     repeats = args.repeats or (3 if args.quick else 10)
-    ref_repeats = 1 if args.quick else min(repeats, 2)
+    ref_repeats = 1  # seconds per call: one timed call (no warm-up) is enough
     budget = args.ref_budget or (7e7 if args.quick else 4e8)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.2f} on {os.cpu_count()} cpus; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
-          f"median ms per forward+backward ({repeats} cpu / {ref_repeats} reference repeats)")
+          f"median ms per forward+backward ({repeats} cpu / {ref_repeats} reference repeats); "
+          f"reference skipped when N x pixels > {budget:.0e}")
     hdr = f"{'N':>7} {'C':>3} {'image':>6} {'cpu ms':>9} {'reference ms':>20} {'ref/cpu':>8}"
     print(hdr)
     print("-" * len(hdr))
@@ -118,21 +140,26 @@ def main(argv: list[str] | None = None) -> None:
                 cpu_ms = 1e3 * statistics.median(time_fwd_bwd(scene, "cpu", repeats))
                 work = n * w * h
                 if work > budget:
-                    ref, ratio = "skipped (time)", "-"
+                    ref, ratio = "skipped (budget)", "-"
                 else:
-                    ref_ms = 1e3 * statistics.median(time_fwd_bwd(scene, "reference", ref_repeats))
+                    ref_ms = 1e3 * statistics.median(
+                        time_fwd_bwd(scene, "reference", ref_repeats, warmup=0))
                     ref, ratio = f"{ref_ms:.1f}", f"{ref_ms / cpu_ms:.1f}x"
                 print(f"{n:>7} {c:>3} {f'{w}x{h}':>6} {cpu_ms:>9.1f} {ref:>20} {ratio:>8}",
                       flush=True)
 
     n, c, w, h = TARGET
     scene = make_scene(n, c, w, h, seed=args.seed)
-    times = time_fwd_bwd(scene, "cpu", max(repeats, 5), warmup=2)
+    cpu: list[float] = []
+    times = time_fwd_bwd(scene, "cpu", max(repeats, 5), warmup=2, cpu_times=cpu)
     med = statistics.median(times)
     verdict = "meets" if 1.0 / med >= TARGET_ITS else "MISSES"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ntarget {n} x {c}ch x {w}x{h}: median {1e3 * med:.1f} ms "
           f"(best {1e3 * min(times):.1f} ms) = {1.0 / med:.2f} it/s; "
           f"{verdict} the >= {TARGET_ITS:g} it/s goal")
+    print(f"  process CPU time per iteration: median {1e3 * statistics.median(cpu):.1f} ms "
+          f"(all threads); load average now {load:.2f}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,10 @@ def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: 
 
     res["ms_fwd_bwd_gsplat"] = _timed(run("gsplat", "cuda"), repeats, cuda=True)
     res["ms_fwd_bwd_cpu"] = _timed(run("cpu", "cpu"), repeats, cuda=False)
-    res["ms_fwd_bwd_cpu_path_on_cuda"] = _timed(run("cpu", "cuda"), repeats, cuda=True)
+    try:  # informative only: the pure-PyTorch path run on the GPU
+        res["ms_fwd_bwd_cpu_path_on_cuda"] = _timed(run("cpu", "cuda"), repeats, cuda=True)
+    except Exception as e:  # noqa: BLE001 - report, do not fail the check
+        res["ms_fwd_bwd_cpu_path_on_cuda"] = f"failed: {type(e).__name__}: {e}"
     return res
 
 

@@ -27,7 +27,6 @@ SHARED = Path(os.environ.get("LRF_SHARED") or REPO.parent / "shared")
 TAEF2_DIR = SHARED / "weights" / "taef2"
 LPIPS_DIR = SHARED / "weights" / "lpips"
 HAVE_TAEF2 = (TAEF2_DIR / "taef2_encoder.pth").is_file()
-torch.set_num_threads(2)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -208,18 +208,24 @@ def test_nothing_visible_gives_background():
 
 
 def test_composite_functions_agree_directly():
-    """The compositors also agree when called without rasterize()."""
+    """The compositors also agree when called without rasterize(), including the
+    reference's pixel-chunked, checkpointed path."""
     scene = mixed_scene(300, 5, 20, 14, seed=9)
     pr = project_gaussians(scene["means"], scene["quats"], scene["scales"],
                            scene["opacities"], scene["viewmat"], scene["K"], 20, 14)
     idx = pr.visible.nonzero().squeeze(1)
     order = idx[torch.argsort(pr.depths[idx], stable=True)]
-    a = composite_cpu(pr.means2d, pr.conics, scene["opacities"], scene["features"],
+    f1 = scene["features"].clone().requires_grad_(True)
+    f2 = scene["features"].clone().requires_grad_(True)
+    a = composite_cpu(pr.means2d, pr.conics, scene["opacities"], f1,
                       scene["background"], order, 20, 14)
     b = composite_reference(pr.means2d[order], pr.conics[order], scene["opacities"][order],
-                            scene["features"][order], scene["background"], 20, 14,
-                            max_chunk_elems=20000)  # exercise pixel chunking
+                            f2[order], scene["background"], 20, 14,
+                            max_chunk_elems=20000)  # several pixel chunks
     assert torch.allclose(a[0], b[0], atol=1e-12) and torch.allclose(a[1], b[1], atol=1e-12)
+    (a[0].sum() + a[1].sum()).backward()
+    (b[0].sum() + b[1].sum()).backward()
+    assert torch.allclose(f1.grad, f2.grad, atol=1e-12)
 
 
 def test_gsplat_backend_needs_gsplat_or_cuda():

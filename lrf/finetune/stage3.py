@@ -44,6 +44,7 @@ VIEWS = ("all", "train")
 
 @dataclass
 class Stage3Config(TrainConfig):
+    lr: float = 5e-5              # the decoder must move further than the encoder in stage 1
     clean_fraction: float = 0.25
     views: str = "all"            # train on "all" views (the authors' choice) or "train" only
     backend: str = "auto"         # rasteriser for the one-off renders
@@ -77,6 +78,8 @@ def load_align_scene(scene_json: str | Path, field_path: str | Path) -> AlignSce
     from lrf.evaluate import field_background
     from lrf.field import load_field
 
+    if not Path(scene_json).is_file():
+        raise InputError(f"{scene_json}: scene file missing")
     scene = Scene.load(scene_json)
     field_path = Path(field_path)
     if not field_path.is_file():
@@ -102,11 +105,13 @@ def render_latents(a: AlignScene, ids, backend: str = "auto") -> dict[int, torch
 
 
 class ViewData:
-    """Per scene: rendered latents (all views, once), photos and clean latents (lazily, cached)."""
+    """Per scene: rendered latents (all views, or the test views only, once), photos and clean
+    latents (lazily, cached)."""
 
-    def __init__(self, scenes: list[AlignScene], vae, backend: str):
+    def __init__(self, scenes: list[AlignScene], vae, backend: str, test_only: bool = False):
         self.scenes, self.vae = scenes, vae
-        self.rendered = [render_latents(a, range(len(a.scene.cameras)), backend) for a in scenes]
+        self.rendered = [render_latents(a, a.scene.test if test_only else range(len(a.scene.cameras)), backend)
+                         for a in scenes]
         self.photos: dict[tuple[int, int], torch.Tensor] = {}
         self.clean: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -186,8 +191,10 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
         for c in a.scene.cameras:
             if c.width // DOWNSCALE < cells or c.height // DOWNSCALE < cells:
                 raise InputError(f"{a.key}: {c.name}: image {c.width}x{c.height} is smaller than the {cfg.crop}px crop")
+    for a in list(align) + list(measure_scenes):
+        a.field.to(dev)
     data = ViewData(list(align), vae, cfg.backend)
-    mdata = ViewData(list(measure_scenes), vae, cfg.backend)
+    mdata = ViewData(list(measure_scenes), vae, cfg.backend, test_only=True)
     ids = [list(range(len(a.scene.cameras))) if cfg.views == "all" else list(a.scene.train) for a in align]
     if not any(ids):
         raise InputError("stage 3: no views to train on")
@@ -282,7 +289,7 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
 
 
 def measure_only(vae_before, vae_after, scenes: list[AlignScene], backend: str = "auto") -> dict:
-    data = ViewData(scenes, vae_after, backend)  # clean latents: the encoder is the same in both
+    data = ViewData(scenes, vae_after, backend, test_only=True)  # the encoder is the same in both
     per = {a.key: combine(measure(vae_before, data, s, True), measure(vae_after, data, s, True))
            for s, a in enumerate(scenes)}
     return {"stage": 3, "measure_only": True, "measure": per, "measure_overall": overall(per)}

@@ -60,7 +60,10 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
 
     means [N,3] world; quats [N,4] (w,x,y,z), any norm; scales [N,3] linear;
     opacities [N] in (0,1); features [N,C]; viewmat [4,4] world-to-camera
-    (OpenCV axes); K [3,3]; background [C] or None (zeros).
+    (OpenCV axes); K [3,3]; background [C] or None (zeros).  The camera is a
+    constant (no gradients to viewmat or K).  Culling and compositing rules
+    are documented in :mod:`lrf.render.project`; culled Gaussians get
+    ``radii == 0``, ``means2d == 0`` and zero gradients.
     """
     width, height = int(width), int(height)
     backend = _resolve_backend(backend, means.device)

@@ -5,13 +5,14 @@ intermediates and was what made an earlier prototype slow, so compositing is
 one ``torch.autograd.Function`` with a hand-written backward, and every step
 is a handful of flat, vectorised (mostly in-place) passes:
 
-1. *Scanline binning.*  For each Gaussian (front to back) and each image row
-   it reaches, a quadratic gives the exact pixel span where its alpha can
-   reach 1/255 (plus a rounding margin).  These bins are much tighter than
-   16x16 tiles: ~99.9% of the generated pairs pass the alpha test.  Spans are
-   cut into segments of ``SEG`` pixels and evaluated as a dense [S, SEG]
-   block by broadcasting (no per-pair gathers).  The per-pair alpha test
-   uses the very same expression as the reference, so both agree bit for bit.
+1. *Scanline binning* (instead of 16x16 tiles).  For each Gaussian (front to
+   back) and each image row it reaches, a quadratic gives the exact pixel
+   span where its alpha can reach 1/255 (plus a rounding margin), so ~99.9%
+   of the generated pairs pass the alpha test (a tile rasterizer evaluates
+   whole tiles).  Spans are cut into segments of ``SEG`` pixels, evaluated
+   as a dense [S, SEG] block by broadcasting (no per-pair gathers).  The
+   per-pair alpha test uses the very same operations as the reference, so
+   both agree bit for bit on which pairs exist.
 2. *Per-pixel lists.*  A stable radix sort on the pixel id groups the pairs
    per pixel while keeping the depth order inside each group.
 3. *Transmittance.*  log T is a segmented cumulative sum of log(1 - alpha)
@@ -22,6 +23,10 @@ is a handful of flat, vectorised (mostly in-place) passes:
    needs ``W^T @ dI`` and the sampled product ``(dI @ F^T)[pairs]``.
 5. *Backward.*  dL/dalpha per pair from a segmented suffix sum, then 1-D
    ``index_add_`` of a few per-pair moments into per-Gaussian sums.
+
+Steps 1-3 run per band of image rows holding at most ``band_budget``
+candidate pairs (pixels in different rows never interact), which bounds
+memory for full-resolution RGB renders; latent-sized images are one band.
 """
 
 from __future__ import annotations
@@ -226,13 +231,13 @@ class _Composite(torch.autograd.Function):
         image.addcmul_(t_final[:, None], background[None, :])
         alpha_img = 1.0 - t_final
 
-        ctx.save_for_backward(means2d, conics, opacities, features, background, pix, gid,
-                              counts, dx, dy, alpha, t_before, w, t_final)
+        ctx.save_for_backward(conics, opacities, features, background, pix, gid, counts, dx,
+                              dy, alpha, t_before, w, t_final)
         return image.reshape(height, width, C), alpha_img.reshape(height, width)
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (means2d, conics, opacities, features, background, pix, gid, counts, dx, dy,
+        (conics, opacities, features, background, pix, gid, counts, dx, dy,
          alpha, t_before, w, t_final) = ctx.saved_tensors
         N, C = features.shape
         P = t_final.shape[0]
@@ -245,9 +250,11 @@ class _Composite(torch.autograd.Function):
         c = torch.sparse.sampled_addmm(_csr(counts, gid, w, P, N), G, features.t(),
                                        beta=0.0).values()
         # dL/dF = W^T G, with W^T built Gaussian-major.
-        gperm = torch.sort(gid.to(torch.int32), stable=True).indices
-        g_features = _csr(torch.bincount(gid, minlength=N), pix.index_select(0, gperm),
-                          w.index_select(0, gperm), N, P) @ G
+        g_features = None
+        if ctx.needs_input_grad[3]:
+            gperm = torch.sort(gid.to(torch.int32), stable=True).indices
+            g_features = _csr(torch.bincount(gid, minlength=N), pix.index_select(0, gperm),
+                              w.index_select(0, gperm), N, P) @ G
         g_background = t_final @ G
 
         # dL/dalpha_k = T_k c_k - (sum_{j>k} w_j c_j + T_final (G.bg - gA)) / (1 - alpha_k)
@@ -276,7 +283,7 @@ class _Composite(torch.autograd.Function):
 
 def composite_cpu(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
                   background: Tensor, order: Tensor, width: int, height: int,
-                  band_budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
+                  band_budget: int = 1 << 20) -> tuple[Tensor, Tensor]:
     """Image [H,W,C] and alpha [H,W]; ``order`` = visible ids, front to back.
 
     ``band_budget`` caps the candidate pairs held in memory at once (the image

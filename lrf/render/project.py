@@ -1,24 +1,34 @@
 """EWA projection of 3D Gaussians to screen space, shared by the CPU backends.
 
-Both the brute-force reference and the tile-binned rasterizer call
+Both the brute-force reference and the fast rasterizer call
 :func:`project_gaussians`, so they can only differ in how they composite.
-The projection is plain differentiable PyTorch: it is O(N) and cheap next to
-rasterization, so autograd through it is fine.
+The projection is differentiable PyTorch on [N] columns: it is O(N) and cheap
+next to rasterization, so autograd through it is fine.
 
 Conventions (same as gsplat / COLMAP / OpenCV):
 
 * ``viewmat`` is world-to-camera, camera axes x right, y down, z forward.
 * pixel (row i, col j) has its centre at continuous (j + 0.5, i + 0.5);
   the projected mean is (fx x/z + cx, fy y/z + cy).
+* 2D covariance J Rv R S S^T R^T Rv^T J^T + 0.3 I (x/z, y/z clamped to 1.3x
+  the field of view inside J), conic = its inverse.
 
-Visibility follows gsplat >= 1.5 (``fully_fused_projection`` with opacities):
-a Gaussian is culled when its depth is outside (near, far), its 2D covariance
-is degenerate, its opacity is below the 1/255 alpha threshold, or the
-rectangle that holds every pixel where its alpha can reach 1/255 misses the
-image.  Such a Gaussian can never touch a pixel, so culling never changes the
-image; it only decides ``radii == 0``.  The reported ``radii`` are the
-conventional ``ceil(3 sqrt(lambda_max))`` of the blurred 2D covariance (the
-number densification/pruning heuristics expect).
+Compositing (both CPU backends, as gsplat "classic"): alpha =
+min(0.99, opacity exp(-0.5 d^T conic d)); pairs with alpha < 1/255 are
+skipped; Gaussians are blended front to back by camera depth and a pixel
+stops at the first pair that would bring its transmittance to <= 1e-4 (that
+pair is excluded).  A Gaussian therefore touches exactly the pixels where its
+alpha reaches 1/255, with no dependence on tile size (as gsplat >= 1.5, whose
+tiles are chosen by that same opacity-aware extent).
+
+Visibility also follows gsplat >= 1.5: a Gaussian is culled when its depth
+is outside (near, far) (depth <= near is culled), its 2D covariance is
+degenerate, its opacity is below 1/255, or the rectangle holding every pixel
+where its alpha can reach 1/255 misses the image.  Such a Gaussian can never
+touch a pixel, so culling never changes the image; it only decides
+``radii == 0``.  The reported ``radii`` are the conventional
+``ceil(3 sqrt(lambda_max))`` of the blurred 2D covariance (the number
+densification/pruning heuristics expect).
 """
 
 from __future__ import annotations

@@ -1,0 +1,267 @@
+"""Tests for lrf.report on a hand-built results tree: numbers, failure marking, self-contained HTML.
+
+Two scenes x three methods, written by hand so every expected number is known; dsB/s2's `full`
+run has no metrics.json and an ERROR line in its evaluate log, as a failed Snakemake job leaves it.
+The CLI runs once per module (subprocess, as the workflow calls it); the tests read its outputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, lrf_env
+from lrf.scene.images import save_png
+from lrf.scene.model import Camera, Scene
+
+SCENES = ["dsA/s1", "dsB/s2"]
+METHODS = ["vanilla", "full", "rgb-3dgs"]
+KIND = {"vanilla": "latent", "full": "latent", "rgb-3dgs": "rgb"}
+VIEWS = ["a.png", "b.png"]
+ERROR_LINE = "ERROR dsB/s2: results/dsB/s2/fields/enc/field.safetensors: field file is missing"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def per_view_values(scene: str, method: str) -> list[dict]:
+    """Distinct, known numbers per (scene, method, view) so any mix-up shows."""
+    s = SCENES.index(scene)
+    m = METHODS.index(method)
+    rows = []
+    for v, name in enumerate(VIEWS):
+        psnr = 20.0 + 2 * m + s + 0.5 * v
+        rows.append({"view": name, "psnr": psnr, "ssim": 0.7 + 0.05 * m + 0.01 * v,
+                     "lpips_alex": 0.3 - 0.02 * m - 0.01 * v, "lpips_vgg": 0.4 - 0.02 * m - 0.01 * v,
+                     "render_ms": 10.0 + v, "total_ms": 50.0 + v})
+    return rows
+
+
+def mean_of(scene: str, method: str, metric: str) -> float:
+    return float(np.mean([r[metric] for r in per_view_values(scene, method)]))
+
+
+def make_scene(results: Path, key: str) -> None:
+    dataset, name = key.split("/")
+    img_dir = results / key / "prepared" / "images"
+    K = np.array([[16.0, 0, 8], [0, 16.0, 8], [0, 0, 1]])
+    cams = []
+    for i, v in enumerate(VIEWS):
+        rgb = np.zeros((16, 16, 3), np.float32)
+        rgb[..., i] = np.linspace(0, 1, 16)[None, :]
+        save_png(img_dir / v, rgb)
+        w2c = np.eye(4)
+        w2c[0, 3] = 0.1 * i
+        cams.append(Camera(v, str(img_dir / v), 16, 16, K, w2c, "test"))
+    Scene(dataset, name, cams, root=results / key).save(results / key / "sfm" / "scene.json")
+
+
+def make_run(results: Path, key: str, method: str) -> None:
+    dataset, name = key.split("/")
+    out = results / key / "eval" / method
+    pv = per_view_values(key, method)
+    mean = {k: float(np.mean([r[k] for r in pv])) for k in pv[0] if k != "view"}
+    doc = {"scene": key, "dataset": dataset, "scene_name": name, "method": method, "kind": KIND[method],
+           "views": len(pv), "mean": mean, "per_view": pv, "fit": {"seconds": 100.0 + METHODS.index(method)},
+           "width": 16, "height": 16}
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(doc))
+    for v in VIEWS:
+        save_png(out / "renders" / v, np.full((16, 16, 3), 0.25 * (1 + METHODS.index(method)), np.float32))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    results = root / "results"
+    for key in SCENES:
+        make_scene(results, key)
+        for m in METHODS:
+            if (key, m) != ("dsB/s2", "full"):
+                make_run(results, key, m)
+        fdir = results / key / "fields" / "vanilla"
+        fdir.mkdir(parents=True)
+        (fdir / "train_log.csv").write_text("step,loss,n_gaussians,seconds\n1,0.5,100,0.1\n2,0.3,120,0.2\n3,0.2,130,0.3\n")
+    log = results / "logs" / "evaluate" / "dsB" / "s2" / "full.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"INFO lrf.evaluate: loading\n{ERROR_LINE}\n")
+    st1 = results / "vae" / "taef2" / "stage1"
+    st1.mkdir(parents=True)
+    (st1 / "consistency.json").write_text(json.dumps(
+        {"before": {"dsA/s1": 0.30, "overall": 0.25}, "after": {"dsA/s1": 0.20, "overall": 0.15}}))
+    (st1 / "curve.csv").write_text("step,loss,corr\n1,0.9,0.5\n2,0.7,0.4\n3,0.6,0.3\n")
+    cfg = {"scenes": SCENES, "methods": METHODS, "protocol": {"tune": ["dsA/s1"], "eval": ["dsB/s2"]}}
+    out = root / "report"
+    proc = subprocess.run([sys.executable, "-m", "lrf.report", "--results", str(results), "--config-json",
+                           json.dumps(cfg), "--out", str(out)], cwd=REPO, env=lrf_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_long_form(report):
+    rows = read_csv(report / "metrics.csv")
+    assert list(rows[0]) == ["dataset", "scene", "method", "kind", "view", "metric", "value", "status", "split",
+                             "error"]
+    ok = [r for r in rows if r["status"] == "ok" and not r["metric"].startswith("fit_")]
+    # 5 successful runs x 2 views x 6 metrics
+    assert len(ok) == 5 * 2 * 6
+    got = {(r["dataset"], r["scene"], r["method"], r["view"], r["metric"]): float(r["value"]) for r in ok}
+    for key in SCENES:
+        d, s = key.split("/")
+        for m in METHODS:
+            if (key, m) == ("dsB/s2", "full"):
+                continue
+            for pv in per_view_values(key, m):
+                for metric in ("psnr", "ssim", "lpips_alex", "lpips_vgg", "render_ms", "total_ms"):
+                    assert got[d, s, m, pv["view"], metric] == pytest.approx(pv[metric])
+    assert {r["kind"] for r in ok if r["method"] == "rgb-3dgs"} == {"rgb"}
+    assert {r["split"] for r in rows if r["dataset"] == "dsA"} == {"in-domain"}
+    assert {r["split"] for r in rows if r["dataset"] == "dsB"} == {"cross-dataset"}
+    fit = [r for r in rows if r["metric"] == "fit_seconds"]
+    assert len(fit) == 5 and all(r["view"] == "-" for r in fit)
+
+
+def test_missing_run_is_marked_failed_with_its_error(report):
+    rows = read_csv(report / "metrics.csv")
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert len(bad) == 1
+    r = bad[0]
+    assert (r["dataset"], r["scene"], r["method"], r["status"]) == ("dsB", "s2", "full", "failed")
+    assert r["error"] == ERROR_LINE
+    assert r["kind"] == "latent" and r["split"] == "cross-dataset"
+
+
+def _md_table(md: str, title: str) -> dict[str, dict[str, str]]:
+    """The markdown table under `### title` as {first cell: {column: cell}}."""
+    lines = md.split(f"### {title}", 1)[1].strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for ln in lines[2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip().strip("*") for c in ln.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header, cells))
+    return out
+
+
+def test_tables_hold_the_means(report):
+    md = (report / "tables.md").read_text()
+    for metric, label, nd in (("psnr", "PSNR ↑", 2), ("ssim", "SSIM ↑", 4), ("lpips_alex", "LPIPS-alex ↓", 4),
+                              ("lpips_vgg", "LPIPS-vgg ↓", 4)):
+        t = _md_table(md, f"Per scene: {label} (mean over test views)")
+        assert list(t) == SCENES
+        assert list(t["dsA/s1"])[1:] == ["rgb-3dgs", "vanilla", "full"]   # the paper's order
+        for key in SCENES:
+            for m in METHODS:
+                if (key, m) == ("dsB/s2", "full"):
+                    assert t[key][m] == "FAILED"
+                else:
+                    assert float(t[key][m]) == pytest.approx(mean_of(key, m, metric), abs=0.6 * 10 ** -nd)
+    # one scene per dataset: the dataset mean is that scene's mean, no std
+    t = _md_table(md, "Per dataset: PSNR ↑ (mean ± std over scenes)")
+    assert float(t["dsA"]["vanilla"]) == pytest.approx(mean_of("dsA/s1", "vanilla", "psnr"), abs=0.006)
+    assert t["dsB"]["full"].startswith("FAILED")
+    t = _md_table(md, "Per split: PSNR ↑ (mean ± std over scenes)")
+    assert set(t) == {"in-domain", "cross-dataset"}
+    assert float(t["cross-dataset"]["rgb-3dgs"]) == pytest.approx(mean_of("dsB/s2", "rgb-3dgs", "psnr"), abs=0.006)
+    t = _md_table(md, "Field fitting time (s)")
+    assert float(t["dsA/s1"]["full"]) == pytest.approx(101.0)
+
+
+def test_summary_json_is_flat_and_numeric(report):
+    s = json.loads((report / "summary.json").read_text())
+    assert all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in s.items())
+    van = np.mean([mean_of(k, "vanilla", "psnr") for k in SCENES])
+    assert s["psnr/vanilla"] == pytest.approx(van, abs=1e-5)
+    assert s["psnr/full"] == pytest.approx(mean_of("dsA/s1", "full", "psnr"), abs=1e-5)
+    # the gap is paired: only scenes where both methods succeeded
+    gap = mean_of("dsA/s1", "full", "psnr") - mean_of("dsA/s1", "vanilla", "psnr")
+    assert s["gap/full-vanilla"] == pytest.approx(gap, abs=1e-5)
+    assert s["scenes_failed"] == 1 and s["runs_failed"] == 1 and s["runs_ok"] == 5
+    assert s["stage1/overall/before"] == pytest.approx(0.25)
+    assert s["stage1/overall/after"] == pytest.approx(0.15)
+
+
+def test_html_is_self_contained_and_marks_the_failure(report):
+    text = (report / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "<link" not in text.lower() and "@import" not in text
+    srcs = re.findall(r"""src\s*=\s*["']([^"']*)["']""", text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # metrics bars, consistency, stage-1 curve, field curves, and one grid per scene
+    assert len(srcs) == 4 + 2
+    assert "dsB/s2" in text and "FAILED" in text and ERROR_LINE in text
+
+
+def test_figures_and_grids_are_png(report):
+    from PIL import Image
+
+    figs = sorted(p.name for p in (report / "figures").glob("*.png"))
+    assert figs == ["consistency.png", "curves_fields.png", "curves_finetune.png", "metrics.png"]
+    grids = sorted((report / "grids").glob("*.png"))
+    assert [p.name for p in grids] == ["dsA__s1.png", "dsB__s2.png"]
+    for p in list((report / "figures").glob("*.png")) + grids:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+    # photo | vanilla | full | rgb-3dgs for 2 test views: wider than tall, and dsB/s2 lacks `full`
+    with Image.open(grids[0]) as a, Image.open(grids[1]) as b:
+        assert a.width > b.width > b.height
+
+
+def test_summary_md_links_figures(report):
+    md = (report / "summary.md").read_text()
+    for name in ("figures/metrics.png", "figures/consistency.png", "grids/dsA__s1.png", "report.html"):
+        assert f"({name})" in md
+        if name != "report.html":
+            assert (report / name).is_file()
+    assert ERROR_LINE in md
+
+
+def test_missing_without_log_and_upstream_error(tmp_path):
+    """No log at all -> 'missing'; an ERROR in the scene's sfm log explains every method."""
+    from lrf.report import build_report
+
+    results = tmp_path / "results"
+    log = results / "logs" / "sfm" / "dsC" / "s3.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("ERROR dsC/s3: only 2/10 images registered\n")
+    rep = build_report(results, {"scenes": ["dsC/s3", "dsD/s4"], "methods": ["vanilla"]}, tmp_path / "out")
+    got = {(r.key, r.status, r.error) for r in rep.runs}
+    assert got == {("dsC/s3", "failed", "ERROR dsC/s3: only 2/10 images registered"),
+                   ("dsD/s4", "missing", "no metrics.json and no log")}
+    assert rep.summary["scenes_failed"] == 2
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert {r["split"] for r in rows} == {"-"}
+    assert "dsC/s3" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_before_after_reading_is_defensive():
+    """Stage 1's real layout, a flat one, and a half-written one (only `before`) all give rows."""
+    from lrf.report import Run, before_after_rows, consistency_selection
+
+    real = {"config": {"steps": 5},
+            "tuning": {"dsA/s1": {"heldout": {"before": {"l1": 0.3, "ratio": 0.6, "matches": 9},
+                                              "after": {"l1": 0.2, "ratio": 0.4, "matches": 9}},
+                                  "recon": {"before": {"psnr": 30.0}, "after": {"psnr": 29.5}}}},
+            "overall": {"heldout": {"before": {"l1": 0.3}, "after": None}}}
+    rows = before_after_rows(real)
+    assert ("tuning / dsA/s1 / heldout", "l1", 0.3, 0.2) in rows
+    assert ("overall / heldout", "l1", 0.3, None) in rows
+    assert {r[1] for r in consistency_selection(rows)} == {"l1", "ratio"}
+    assert before_after_rows({"before": {"a": {"l1": 1.0}}, "after": {"a": {"l1": 0.5}}}) == [("", "a.l1", 1.0, 0.5)]
+    assert before_after_rows({"before": 2.0}) == [("", "value", 2.0, None)]
+    assert before_after_rows([1, 2]) == [] and before_after_rows(None) == []
+    # a metrics.json without "mean" still has means, from per_view
+    r = Run("d", "s", "vanilla", "latent", "-", "ok", doc={"per_view": [{"psnr": 20.0}, {"psnr": 22.0}]})
+    assert r.mean("psnr") == 21.0 and r.mean("ssim") is None

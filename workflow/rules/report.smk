@@ -1,0 +1,36 @@
+def report_config():
+    return json.dumps({"scenes": selected_scenes(), "methods": config["methods"], "vae": {"name": VAE["name"]},
+                       "protocol": config.get("protocol") or {}})
+
+
+REPORT_CMD = "{PY} lrf.report --results results --config-json {params.cfg:q} --out results/report"
+
+
+rule report:
+    """Gather every metrics file into tables, figures, image grids, report.html and summary.json."""
+    input:
+        [expand_scenes("results/{dataset}/{scene}/eval/{method}/metrics.json", method=m) for m in config["methods"]],
+    output:
+        summary="results/report/summary.json",
+        csv="results/report/metrics.csv",
+        html="results/report/report.html",
+        md="results/report/summary.md",
+    params:
+        cfg=report_config(),
+    log:
+        "results/logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=15,
+    shell:
+        logged(REPORT_CMD)
+
+
+onerror:
+    # Some scene failed (under --keep-going the others finished): still write the report, with
+    # the failed scenes marked, so nothing is dropped silently.
+    import subprocess
+
+    subprocess.run(["python", "-m", "lrf.report", "--results", "results", "--config-json", report_config(),
+                    "--out", "results/report"], check=False)
