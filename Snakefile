@@ -14,6 +14,7 @@ include: "workflow/rules/encode.smk"
 include: "workflow/rules/fit_field.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/store.smk"
 
 
 rule all:
