@@ -170,6 +170,28 @@ def test_identical_crops_give_zero_loss_and_shifted_ones_do_not():
 
 
 # ----------------------------------------------------------------------------- stage 1
+def test_regulariser_kl_for_kl_autoencoders_stats_otherwise():
+    from lrf.finetune.stage1 import CropPair, kl_term, stats_penalty, step_losses
+
+    class TinyKL(TinyAE):
+        def encode_distribution(self, images):
+            z = self.encode(images)
+            return z, torch.full_like(z, -1.0)
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pair = CropPair(0, 0, 1, (0, 0), (0, 0), np.array([[12.0, 12.0]]), np.array([[12.0, 12.0]]), 1.0)
+    cfg = Stage1Config(crop=32, w_lpips=0.0)
+    m0, s0 = torch.zeros(4), torch.ones(4)
+    for vae, expect in ((TinyKL(4), "kl"), (TinyAE(4), "stats")):
+        out = step_losses(vae, None, x, [pair], cfg, m0, s0)
+        z = vae.encode(x)
+        want = kl_term(z, torch.full_like(z, -1.0)) if expect == "kl" else stats_penalty(z, m0, s0)
+        torch.testing.assert_close(out["stats"], want)
+    # the stats penalty is zero exactly at the reference statistics
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert float(stats_penalty(z, z.mean((0, 2, 3)), z.std((0, 2, 3)))) < 1e-10
+
+
 def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
     """A and A shifted by 4 px (half a latent cell): the pretrained encoder disagrees at exact
     correspondences; training on them lowers the disagreement; only the encoder changes."""
@@ -392,13 +414,14 @@ def test_fern_smoke_heldout_consistency(tmp_path, taef2):
     cs = fern_subset(tmp_path / "img", [0, 1, 2, 3])
     assert cs.scene.test == [0] and (cs.pairs.split == "heldout").any()
     vae = copy.deepcopy(taef2)
-    cfg = Stage1Config(steps=6, crop=48, batch=2, lr=1e-4, w_lpips=0.0, lambda_corr=1.0, w_stats=0.1,
+    # 12 steps at lr 3e-5: held-out L1 fell 18-19% for seeds 0-3, recon PSNR fell 0.3-0.5 dB
+    cfg = Stage1Config(steps=12, crop=48, batch=2, lr=3e-5, w_lpips=0.0, lambda_corr=1.0, w_stats=0.1,
                        corr_margin=6, checkpoint_every=0)
     rep = train_stage1(vae, None, [cs], cfg, tmp_path / "out", progress=False)
     doc = json.loads((tmp_path / "out" / "consistency.json").read_text())
     h = doc["tuning"]["llff/fern"]["heldout"]
     assert h["before"]["matches"] > 50 and h["before"]["l1"] > 0
-    assert h["after"]["l1"] < h["before"]["l1"]
+    assert h["after"]["l1"] < 0.95 * h["before"]["l1"]
     r = doc["overall"]["recon"]
-    assert r["after"]["psnr"] > r["before"]["psnr"] - 2.0     # reconstruction must not collapse
+    assert r["after"]["psnr"] > r["before"]["psnr"] - 1.5     # reconstruction must not collapse
     assert doc["overall"]["heldout"]["before"]["l1"] == pytest.approx(h["before"]["l1"])

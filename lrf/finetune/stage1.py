@@ -1,5 +1,7 @@
-"""Stage 1: correspondence-aware autoencoding. Fine-tune only the encoder so that the latents of
-one 3D point agree across views, while decode(encode(x)) through the frozen decoder stays x.
+"""Stage 1, correspondence-aware autoencoding: fine-tune only the encoder on SfM correspondences.
+
+The latents of one 3D point should agree across views, while decode(encode(x)) through the
+frozen decoder stays x.
 
 Loss per step, over B crop pairs (2B crops):
   recon = L1(decode(encode(x)), x) + w_lpips * LPIPS   (the decoder is frozen, so the latents
@@ -506,7 +508,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
     ap.add_argument("--measure-only", action="store_true",
                     help="no training: pretrained vs the spec's encoder on --measure-scene")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a busy 2-core machine 1 is several times faster")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 

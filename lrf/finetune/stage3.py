@@ -1,6 +1,7 @@
-"""Stage 3: VAE-RF alignment. Fine-tune only the decoder so that latents RENDERED by fitted latent
-fields decode into the photos (rendered latents are blurrier and slightly off-distribution
-compared with encoder outputs; the decoder learns to undo that).
+"""Stage 3, VAE-RF alignment: fine-tune only the decoder on latents rendered by fitted fields.
+
+Latents RENDERED by a fitted latent field are blurrier and slightly off-distribution compared
+with encoder outputs; the decoder learns to decode them into the photos anyway.
 
 Each alignment scene's field is rendered once at start (no grad) at ALL its views, training
 and held-out, as the authors did, at 1/8 resolution with K[:2] scaled by 1/8 (exact with
@@ -335,7 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
     ap.add_argument("--measure-only", action="store_true",
                     help="no training: pretrained vs the spec's decoder on --measure-scene")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a busy 2-core machine 1 is several times faster")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 

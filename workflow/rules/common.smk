@@ -95,3 +95,6 @@ def res(rule_name, key, default):
 def gpu_resources(rule_name):
     n = res(rule_name, "gpu", 0)
     return {"gpu": n} if n else {}  # the SLURM executor turns this into --gpus
+
+# For `--sdm conda`: every rule runs in this environment (same pins as pyproject.toml).
+CONDA_ENV = str(Path(workflow.basedir) / "envs" / "lrf.yaml")

@@ -11,6 +11,8 @@ rule correspondences:
         out=lambda wc, output: Path(output.summary).parent,
         cfg=config["correspondences"],
         seed=config["seed"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/correspondences/{dataset}/{scene}.log",
     threads: 1

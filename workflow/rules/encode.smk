@@ -10,6 +10,8 @@ rule encode:
         weights=WEIGHTS_DIR,
     wildcard_constraints:
         variant="[A-Za-z0-9_.]+(-enc)?",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/encode/{dataset}/{scene}/{variant}.log",
     threads: res("encode", "threads", 2)

@@ -25,6 +25,8 @@ rule evaluate:
         out=lambda wc, output: Path(output[0]).parent,
     wildcard_constraints:
         method="|".join(METHODS),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/evaluate/{dataset}/{scene}/{method}.log",
     threads: res("evaluate", "threads", 2)

@@ -20,6 +20,8 @@ rule fit_field:
         seed=config["seed"],
     wildcard_constraints:
         field="vanilla|enc|rgb-3dgs",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/fit_field/{dataset}/{scene}/{field}.log",
     threads: res("fit_field", "threads", 2)

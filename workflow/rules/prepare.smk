@@ -8,6 +8,8 @@ rule prepare:
         extra=lambda wc: " ".join([opt("--images", row(wc).get("images")), opt("--max-side", row(wc).get("max_side")),
                                    opt("--downscale", row(wc).get("downscale")), opt("--max-images", row(wc).get("max_images"))]),
         out=lambda wc, output: Path(output.scene).parent,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/prepare/{dataset}/{scene}.log",
     threads: 1

@@ -17,6 +17,8 @@ rule report:
         md="results/report/summary.md",
     params:
         cfg=report_config(),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/report.log",
     threads: 1

@@ -11,6 +11,8 @@ rule sfm:
         out=lambda wc, output: Path(output.scene).parent,
         cfg=config["sfm"],
         seed=config["seed"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/sfm/{dataset}/{scene}.log",
     threads: config["sfm"]["threads"]

@@ -24,6 +24,8 @@ rule store:
         directory("results/store"),
     params:
         pairs=" ".join(f"{src}={dst}" for src, dst in store_items().items()),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/store.log",
     threads: 1
