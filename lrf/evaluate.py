@@ -36,7 +36,8 @@ def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, background=None,
-             lpips_nets: dict | None = None, backend: str = "auto", save_renders: bool = True) -> dict:
+             lpips_nets: dict | None = None, backend: str = "auto", save_renders: bool = True,
+             rgb_downscale: int = 1) -> dict:
     from lrf.metrics import psnr, ssim
 
     out_dir = Path(out_dir)
@@ -55,9 +56,15 @@ def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, backg
             render_ms = (time.perf_counter() - t0) * 1e3
             pred = vae.decode(out.image.permute(2, 0, 1)[None])
         elif kind == "rgb":
-            out = field.render(cam.w2c, cam.K, cam.width, cam.height, background, backend)
+            k = rgb_downscale
+            K = cam.K.copy()
+            K[:2] /= k
+            out = field.render(cam.w2c, K, cam.width // k, cam.height // k, background, backend)
             render_ms = (time.perf_counter() - t0) * 1e3
             pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
+            if k != 1:  # a field fitted at 1/k is scored at the photo's size, upsampled
+                pred = torch.nn.functional.interpolate(pred, size=(cam.height, cam.width), mode="bilinear",
+                                                       align_corners=False)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         total_ms = (time.perf_counter() - t0) * 1e3
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", default=None, help="JSON spec (latent and ceiling kinds)")
     ap.add_argument("--weights-dir", type=Path, required=True)
     ap.add_argument("--lpips", default="alex,vgg")
+    ap.add_argument("--rgb-downscale", type=int, default=1, help="the RGB field was fitted at 1/k resolution")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
@@ -111,9 +119,9 @@ def main(argv=None) -> int:
                 m = json.loads(meta_path.read_text())
                 fit_info = {k: m.get(k) for k in ("seconds", "steps", "num_gaussians", "final_loss") if k in m}
         nets = {n: LPIPS(n, Path(args.weights_dir) / "lpips") for n in args.lpips.split(",") if n}
-        res = evaluate(scene, args.kind, args.out, vae, field, bg, nets)
+        res = evaluate(scene, args.kind, args.out, vae, field, bg, nets, rgb_downscale=args.rgb_downscale)
         res.update({"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name,
-                    "fit": fit_info, "width": scene.cameras[0].width, "height": scene.cameras[0].height})
+                    "fit": fit_info, "rgb_downscale": args.rgb_downscale if args.kind == "rgb" else None, "width": scene.cameras[0].width, "height": scene.cameras[0].height})
         atomic_write_json(args.out / "metrics.json", res)
         m = res["mean"]
         return (f"{scene.key}: {args.method}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} "

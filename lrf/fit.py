@@ -17,10 +17,22 @@ from lrf.cli import InputError
 from lrf.scene.model import Scene
 
 
-def build_targets(scene: Scene, kind: str, latents: Path | None) -> dict[int, torch.Tensor]:
-    """{camera index: [C, h, w]} for the training views only (test views never reach a fit)."""
+def downscale_image(img: torch.Tensor, k: int) -> torch.Tensor:
+    """[C,H,W] -> [C,H/k,W/k] by area averaging; the fit scales K by the same exact factor."""
+    if k == 1:
+        return img
+    return torch.nn.functional.avg_pool2d(img[None], k)[0].contiguous()
+
+
+def build_targets(scene: Scene, kind: str, latents: Path | None, downscale: int = 1) -> dict[int, torch.Tensor]:
+    """{camera index: [C, h, w]} for the training views only (test views never reach a fit).
+
+    RGB targets may be downscaled by an integer factor: a CPU cannot fit full-resolution colour
+    fields in the demo's time (the rasteriser's cost grows with pixels x splat area).
+    """
     if kind == "rgb":
-        return {i: torch.from_numpy(scene.load_image(i)).permute(2, 0, 1).contiguous() for i in scene.train}
+        return {i: downscale_image(torch.from_numpy(scene.load_image(i)).permute(2, 0, 1), downscale)
+                for i in scene.train}
     from lrf.encode import load_latents
 
     lat, _ = load_latents(latents)
@@ -47,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scene", required=True, type=Path)
     ap.add_argument("--targets", nargs="+", required=True, help="'rgb' or 'latents PATH'")
     ap.add_argument("--cfg", default="{}", help="JSON overrides of lrf.field.FieldConfig")
+    ap.add_argument("--downscale", type=int, default=1, help="RGB fields: fit at 1/k of the working resolution")
     ap.add_argument("--init", default="points", choices=["points", "random"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -59,7 +72,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         kind = args.targets[0]
         scene = Scene.load(args.scene)
-        targets = build_targets(scene, kind, Path(args.targets[1]) if kind == "latents" else None)
+        targets = build_targets(scene, kind, Path(args.targets[1]) if kind == "latents" else None, args.downscale)
         cfg = field_config(json.loads(args.cfg), rgb=(kind == "rgb"), seed=args.seed)
         res = fit_field(scene, targets, cfg, args.out, init=args.init, progress=True)
         return (f"{scene.key}: fitted {kind} field, {res.field.num_gaussians} Gaussians, {res.steps} steps, "

@@ -9,7 +9,7 @@ rule encode:
         vae=lambda wc: vae_spec(encoder=wc.variant.endswith("-enc")),
         weights=WEIGHTS_DIR,
     wildcard_constraints:
-        variant="[A-Za-z0-9_.]+(-enc)?",
+        variant="[A-Za-z0-9][A-Za-z0-9_.-]*",
     conda:
         CONDA_ENV
     log:

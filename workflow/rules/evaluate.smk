@@ -22,6 +22,7 @@ rule evaluate:
         vae=lambda wc: vae_spec(METHODS[wc.method].get("encoder") == "tuned", METHODS[wc.method].get("decoder") == "tuned"),
         weights=WEIGHTS_DIR,
         lpips=",".join(config["evaluate"]["lpips"]),
+        rgb_downscale=config.get("rgb_downscale", 1),
         out=lambda wc, output: Path(output[0]).parent,
     wildcard_constraints:
         method="|".join(METHODS),
@@ -36,4 +37,4 @@ rule evaluate:
     shell:
         logged("{PY} lrf.evaluate --scene {input.scene} --kind {params.kind} --method {wildcards.method} "
                "{params.field} --vae {params.vae:q} --weights-dir {params.weights:q} --lpips {params.lpips} "
-               "--threads {threads} --out {params.out}")
+               "--rgb-downscale {params.rgb_downscale} --threads {threads} --out {params.out}")

@@ -18,12 +18,12 @@ rule stage1:
         curve=f"results/vae/{VAE['name']}/stage1/curve.csv",
         consistency=f"results/vae/{VAE['name']}/stage1/consistency.json",
     params:
-        vae=vae_spec(),
+        vae=lambda wc: vae_spec(),
         weights=WEIGHTS_DIR,
         pairs=lambda wc, input: " ".join(f"--scene {s} --corr {Path(c).parent}" for s, c in zip(input.scenes, input.corr)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-corr {Path(c).parent}"
                                            for s, c in zip(input.mscenes, input.mcorr)),
-        cfg=json.dumps(config.get("stage1") or {}),
+        cfg=lambda wc: json.dumps(config.get("stage1") or {}),
         seed=config["seed"],
         out=lambda wc, output: Path(output.encoder).parent,
     conda:
@@ -53,12 +53,12 @@ rule stage3:
         curve=f"results/vae/{VAE['name']}/stage3/curve.csv",
         alignment=f"results/vae/{VAE['name']}/stage3/alignment.json",
     params:
-        vae=vae_spec(encoder=True),
+        vae=lambda wc: vae_spec(encoder=True),
         weights=WEIGHTS_DIR,
         pairs=lambda wc, input: " ".join(f"--scene {s} --field {f}" for s, f in zip(input.scenes, input.fields)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-field {f}"
                                            for s, f in zip(input.mscenes, input.mfields)),
-        cfg=json.dumps(config.get("stage3") or {}),
+        cfg=lambda wc: json.dumps(config.get("stage3") or {}),
         seed=config["seed"],
         out=lambda wc, output: Path(output.decoder).parent,
     conda:

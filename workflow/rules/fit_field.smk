@@ -18,6 +18,7 @@ rule fit_field:
         cfg=lambda wc: json.dumps(config["field"]["rgb" if wc.field == "rgb-3dgs" else "latent"]),
         out=lambda wc, output: Path(output.field).parent,
         seed=config["seed"],
+        downscale=lambda wc: config.get("rgb_downscale", 1) if wc.field == "rgb-3dgs" else 1,
     wildcard_constraints:
         field="vanilla|enc|rgb-3dgs",
     conda:
@@ -31,4 +32,4 @@ rule fit_field:
         **gpu_resources("fit_field"),
     shell:
         logged("{PY} lrf.fit --scene {input.scene} --targets {params.targets} --cfg {params.cfg:q} "
-               "--seed {params.seed} --threads {threads} --out {params.out}")
+               "--downscale {params.downscale} --seed {params.seed} --threads {threads} --out {params.out}")

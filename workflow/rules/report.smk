@@ -16,7 +16,7 @@ rule report:
         html="results/report/report.html",
         md="results/report/summary.md",
     params:
-        cfg=report_config(),
+        cfg=lambda wc: report_config(),
     conda:
         CONDA_ENV
     log:
