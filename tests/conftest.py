@@ -216,6 +216,7 @@ def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
     shutil.copy2(REPO / "Snakefile", wf / "Snakefile")
     shutil.copytree(REPO / "workflow", wf / "workflow")
     shutil.copytree(REPO / "config", wf / "config")
+    shutil.copytree(REPO / "envs", wf / "envs")
     lines = ["\t".join(SHEET_COLUMNS)]
     lines += ["\t".join("" if r.get(c) is None else str(r[c]) for c in SHEET_COLUMNS) for r in rows]
     (wf / "config" / "test_scenes.tsv").write_text("\n".join(lines) + "\n")
@@ -228,6 +229,9 @@ def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
             cfg.pop(k, None)
         else:
             cfg[k] = v
+    if "protocol" not in overrides:  # tune on the first selected scene, evaluate on the rest
+        keys = cfg["select"] if isinstance(cfg["select"], list) else cfg["groups"][cfg["select"]]
+        cfg["protocol"] = {"tune": keys[:1], "eval": keys[1:]}
     (wf / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return wf
 

@@ -52,6 +52,16 @@ def selected_scenes():
     return keys
 
 
+def _check_protocol():
+    for which in ("tune", "eval"):
+        missing = [k for k in (config.get("protocol") or {}).get(which) or [] if k not in SCENES]
+        if missing:
+            raise ValueError(f"config protocol.{which}: {', '.join(missing)} not in {config['scenes']}")
+
+
+_check_protocol()
+
+
 def expand_scenes(pattern, keys=None, **kw):
     keys = selected_scenes() if keys is None else keys
     return [pattern.format(dataset=k.split("/")[0], scene=k.split("/")[1], **kw) for k in keys]
