@@ -11,7 +11,6 @@ reported (`pose_accuracy.json`; ground truth for Strecha, a reference elsewhere)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time

@@ -8,10 +8,8 @@ pure function of (seed, step) (a fresh seeded permutation per epoch), so it need
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
-import math
 import sys
 import time
 import warnings
@@ -24,11 +22,10 @@ import torch
 from lrf.field.gaussians import GaussianField, init_features_from_tracks
 from lrf.field.losses import ChannelNorm, DEFAULT_SSIM_RANGE, field_loss
 from lrf.field.strategy import DensifyConfig, DensifyStrategy
+from lrf.checkpoint import CKPT_META, CKPT_NAME, load_checkpoint, safetensors_header, save_checkpoint
 from lrf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-CKPT_NAME, CKPT_META = "ckpt.safetensors", "ckpt.json"
 FIELD_NAME, FIELD_META, LOG_NAME = "field.safetensors", "field.json", "train_log.csv"
-CKPT_VERSION = 1
 # Settings that may change between a run and its resumption without invalidating it.
 _RESUME_FREE = {"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss", "backend", "device", "export_ply"}
 
@@ -143,9 +140,7 @@ def _means_lr(cfg: FieldConfig, extent: float, step: int) -> float:
     return cfg.means_lr * extent * (cfg.means_lr_final / cfg.means_lr) ** frac
 
 
-def _safetensors_header(raw: bytes) -> dict:
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n].decode("utf-8"))
+_safetensors_header = safetensors_header
 
 
 def _say(msg: str) -> None:
@@ -157,8 +152,6 @@ def _say(msg: str) -> None:
 
 def _save_checkpoint(out_dir: Path, field: GaussianField, opt: torch.optim.Optimizer,
                      strategy: DensifyStrategy | None, norm: ChannelNorm, state: dict) -> None:
-    from safetensors.torch import save
-
     t = {f"param/{k}": v for k, v in field.tensors().items()}
     for g in opt.param_groups:
         st = opt.state.get(g["params"][0], {})
@@ -175,45 +168,12 @@ def _save_checkpoint(out_dir: Path, field: GaussianField, opt: torch.optim.Optim
     meta = {k: v for k, v in state.items() if k != "log"}
     meta["numpy_rng"] = _np_state_to_json(np.random.get_state())
     meta["rgb_offset"] = field.rgb_offset
-    meta["version"] = CKPT_VERSION
-    raw = save(t, metadata={"lrf": json.dumps(meta)})
-    atomic_write_bytes(out_dir / CKPT_NAME, raw)
-    atomic_write_json(out_dir / CKPT_META, {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
-                                            "step": state["step"], "n_gaussians": field.num_gaussians,
-                                            "version": CKPT_VERSION})
+    save_checkpoint(out_dir, t, meta, side={"n_gaussians": field.num_gaussians})
 
 
 def _load_checkpoint(out_dir: Path, fingerprint: dict) -> tuple[dict, dict] | None:
     """(tensors, metadata) of a valid, compatible checkpoint, else None (with a warning)."""
-    from safetensors.torch import load
-
-    path, meta_path = out_dir / CKPT_NAME, out_dir / CKPT_META
-    if not path.exists():
-        return None
-
-    def bad(why: str):
-        warnings.warn(f"{path}: ignoring checkpoint ({why}); starting fresh", RuntimeWarning, stacklevel=3)
-        return None
-
-    try:
-        side = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        return bad(f"metadata {meta_path.name} unreadable: {type(e).__name__}")
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != side.get("sha256"):
-        return bad("SHA-256 does not match its metadata (truncated or corrupt)")
-    try:
-        tensors = load(raw)
-        meta = json.loads(_safetensors_header(raw)["__metadata__"]["lrf"])
-    except Exception as e:   # noqa: BLE001 - any parse failure means an unusable file
-        return bad(f"cannot parse: {type(e).__name__}: {e}")
-    if meta.get("version") != CKPT_VERSION:
-        return bad(f"version {meta.get('version')} != {CKPT_VERSION}")
-    if meta.get("fingerprint") != fingerprint:
-        diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
-                      if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
-        return bad(f"written with different settings or data ({', '.join(diff)})")
-    return tensors, meta
+    return load_checkpoint(out_dir, fingerprint)
 
 
 def _write_log(out_dir: Path, rows: list) -> None:
