@@ -14,6 +14,7 @@ include: "workflow/rules/encode.smk"
 include: "workflow/rules/fit_field.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/orbit.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/store.smk"
 
@@ -24,3 +25,4 @@ rule all:
         expand_scenes("results/{dataset}/{scene}/sfm/stats.json"),
         expand_scenes("results/{dataset}/{scene}/correspondences/summary.json"),
         "results/report/summary.json",
+        [expand_scenes("results/{dataset}/{scene}/orbit/{method}.webp", method=m) for m in config.get("orbit", {}).get("methods", [])],

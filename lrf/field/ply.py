@@ -92,3 +92,21 @@ def read_ply(path: str | Path, rgb_offset: bool | None = None) -> GaussianField:
     if rgb_offset is None:
         rgb_offset = flag if flag is not None else c == 3
     return GaussianField.from_tensors({k: torch.from_numpy(np.array(v)) for k, v in t.items()}, rgb_offset)
+
+
+def main(argv=None) -> int:
+    """`python -m lrf.field.ply FIELD.safetensors OUT.ply`: export a fitted field for 3DGS viewers."""
+    import sys
+
+    from lrf.field.train import load_field
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m lrf.field.ply FIELD.safetensors OUT.ply", file=sys.stderr)
+        return 2
+    save_ply(load_field(args[0]), args[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

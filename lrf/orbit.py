@@ -1,0 +1,72 @@
+"""Render a fitted field along an orbit of novel views, decode latents, write an animation.
+
+    python -m lrf.orbit --scene results/D/S/sfm/scene.json --field results/D/S/fields/vanilla/field.safetensors \
+        --kind latent --vae '{...}' --weights-dir W --frames 48 --out results/D/S/orbit/vanilla.webp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrf.scene.model import Scene
+
+
+@torch.no_grad()
+def orbit_frames(scene: Scene, field, kind: str, n_frames: int, vae=None, background=None, rgb_downscale: int = 1):
+    from lrf.field import orbit_path
+
+    cam = scene.cameras[scene.train[0] if scene.train else 0]
+    k = vae.downscale if kind == "latent" else rgb_downscale
+    K = cam.K.copy()
+    K[:2] /= k
+    frames = []
+    for w2c in orbit_path(scene, n_frames):
+        out = field.render(w2c, K, cam.width // k, cam.height // k, background, "auto")
+        img = out.image.permute(2, 0, 1)[None]
+        if kind == "latent":
+            img = vae.decode(img)
+        elif k != 1:
+            img = torch.nn.functional.interpolate(img, size=(cam.height, cam.width), mode="bilinear",
+                                                  align_corners=False)
+        frames.append(img[0].clamp(0, 1).permute(1, 2, 0).numpy())
+    return frames
+
+
+def main(argv=None) -> int:
+    from lrf.cli import run_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scene", required=True, type=Path)
+    ap.add_argument("--field", required=True, type=Path)
+    ap.add_argument("--kind", choices=["latent", "rgb"], required=True)
+    ap.add_argument("--vae", default=None)
+    ap.add_argument("--weights-dir", type=Path, default=None)
+    ap.add_argument("--frames", type=int, default=48)
+    ap.add_argument("--rgb-downscale", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    def go():
+        from lrf.evaluate import field_background
+        from lrf.field import load_field, write_video
+        from lrf.vaecfg import load_vae
+
+        torch.set_num_threads(args.threads)
+        scene = Scene.load(args.scene)
+        field = load_field(args.field)
+        vae = load_vae(json.loads(args.vae), args.weights_dir) if args.kind == "latent" else None
+        frames = orbit_frames(scene, field, args.kind, args.frames, vae, field_background(args.field, field.channels),
+                              args.rgb_downscale)
+        path = write_video(frames, args.out, fps=12)
+        return f"{scene.key}: orbit of {len(frames)} frames -> {path}"
+
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
