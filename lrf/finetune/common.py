@@ -327,3 +327,38 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------- CLI
+def stage_parser(description: str, part: str, paired: str, paired_help: str, spec_help: str):
+    """The arguments both stages share; `paired` is what each --scene comes with (corr | field)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--vae", required=True, help=spec_help)
+    ap.add_argument("--weights-dir", required=True, type=Path)
+    ap.add_argument("--scene", action="extend", nargs="+", type=Path, help="tuning scene.json (repeatable)")
+    ap.add_argument(f"--{paired}", action="extend", nargs="+", type=Path, help=paired_help)
+    ap.add_argument("--measure-scene", action="extend", nargs="+", type=Path,
+                    help="scene.json only measured (before/after), never trained on")
+    ap.add_argument(f"--measure-{paired}", action="extend", nargs="+", type=Path)
+    ap.add_argument("--cfg", default="{}", help="JSON overrides of the stage's config")
+    ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
+    ap.add_argument("--measure-only", action="store_true",
+                    help=f"no training: pretrained vs the spec's {part} on --measure-scene")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a busy 2-core machine 1 is several times faster")
+    ap.add_argument("--out", required=True, type=Path)
+    return ap
+
+
+def spec_and_overrides(args) -> tuple[dict, dict]:
+    """(--vae, --cfg) parsed, with --seed folded into the overrides; one-line error if not JSON."""
+    try:
+        spec = json.loads(args.vae)
+        over = json.loads(args.cfg)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
+    if args.seed is not None:
+        over["seed"] = args.seed
+    return spec, over

@@ -35,7 +35,6 @@ before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test v
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from lrf.cli import InputError
 from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, crop_origin, deterministic,
                                  image_tensor, inside, load_checkpoint, load_lpips, load_optimizer_tensors,
                                  optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, sample_latents,
-                                 save_checkpoint, save_module, say, tensors_sha256, trim8, write_curve)
+                                 save_checkpoint, save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
 from lrf.io import atomic_write_json
 from lrf.scene.model import Scene
 
@@ -495,35 +494,15 @@ def _scene_list(scenes, corrs, what: str) -> list[CorrScene]:
 def main(argv=None) -> int:
     from lrf.cli import run_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder (start point or, "
-                                                 "with --measure-only, the tuned encoder)]")
-    ap.add_argument("--weights-dir", required=True, type=Path)
-    ap.add_argument("--scene", action="extend", nargs="+", type=Path, help="tuning scene.json (repeatable)")
-    ap.add_argument("--corr", action="extend", nargs="+", type=Path, help="its correspondences folder")
-    ap.add_argument("--measure-scene", action="extend", nargs="+", type=Path,
-                    help="scene.json only measured (consistency before/after), never trained on")
-    ap.add_argument("--measure-corr", action="extend", nargs="+", type=Path)
-    ap.add_argument("--cfg", default="{}", help="JSON overrides of Stage1Config")
-    ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
-    ap.add_argument("--measure-only", action="store_true",
-                    help="no training: pretrained vs the spec's encoder on --measure-scene")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads; on a busy 2-core machine 1 is several times faster")
-    ap.add_argument("--out", required=True, type=Path)
+    ap = stage_parser(__doc__.splitlines()[0], "encoder", "corr", "its correspondences folder",
+                      "JSON spec: kind, source[, encoder (start point or, with --measure-only, the tuned encoder)]")
     args = ap.parse_args(argv)
 
     def go():
         from lrf.vaecfg import load_vae
 
         torch.set_num_threads(args.threads)
-        try:
-            spec = json.loads(args.vae)
-            over = json.loads(args.cfg)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
-        if args.seed is not None:
-            over["seed"] = args.seed
+        spec, over = spec_and_overrides(args)
         cfg = Stage1Config.from_overrides(over)
         mscenes = _scene_list(args.measure_scene, args.measure_corr, "--measure-scene/--measure-corr")
         if args.measure_only:

@@ -23,7 +23,6 @@ alone it drifts away from them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from lrf.cli import InputError
 from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, deterministic, image_tensor,
                                  latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
                                  optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
-                                 save_module, say, tensors_sha256, trim8, write_curve)
+                                 save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
 from lrf.io import atomic_write_json
 from lrf.scene.model import Scene
 
@@ -323,35 +322,15 @@ def _scene_list(scenes, fields, what: str) -> list[AlignScene]:
 def main(argv=None) -> int:
     from lrf.cli import run_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vae", required=True, help="JSON spec: kind, source, encoder (stage 1)[, decoder "
-                                                 "(start point or, with --measure-only, the tuned decoder)]")
-    ap.add_argument("--weights-dir", required=True, type=Path)
-    ap.add_argument("--scene", action="extend", nargs="+", type=Path, help="alignment scene.json (repeatable)")
-    ap.add_argument("--field", action="extend", nargs="+", type=Path, help="its latent field.safetensors")
-    ap.add_argument("--measure-scene", action="extend", nargs="+", type=Path,
-                    help="scene.json only measured (held-out views, before/after), never trained on")
-    ap.add_argument("--measure-field", action="extend", nargs="+", type=Path)
-    ap.add_argument("--cfg", default="{}", help="JSON overrides of Stage3Config")
-    ap.add_argument("--seed", type=int, default=None, help="overrides cfg seed")
-    ap.add_argument("--measure-only", action="store_true",
-                    help="no training: pretrained vs the spec's decoder on --measure-scene")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads; on a busy 2-core machine 1 is several times faster")
-    ap.add_argument("--out", required=True, type=Path)
+    ap = stage_parser(__doc__.splitlines()[0], "decoder", "field", "its latent field.safetensors",
+                      "JSON spec: kind, source, encoder (stage 1)[, decoder (start point or, with --measure-only, the tuned decoder)]")
     args = ap.parse_args(argv)
 
     def go():
         from lrf.vaecfg import load_vae
 
         torch.set_num_threads(args.threads)
-        try:
-            spec = json.loads(args.vae)
-            over = json.loads(args.cfg)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
-        if args.seed is not None:
-            over["seed"] = args.seed
+        spec, over = spec_and_overrides(args)
         cfg = Stage3Config.from_overrides(over)
         mscenes = _scene_list(args.measure_scene, args.measure_field, "--measure-scene/--measure-field")
         if args.measure_only:
