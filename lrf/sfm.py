@@ -56,21 +56,27 @@ def _extract(db: Path, image_dir: Path, names: list[str], single_camera: bool, t
                               reader_options=reader, extraction_options=ext, device=pycolmap.Device.cpu)
 
 
-def _match(db: Path, matcher: str, n_images: int, threads: int) -> str:
+def _match(db: Path, matcher: str, n_images: int, threads: int, seed: int = 0) -> str:
+    """Match and verify; RANSAC is seeded so two runs give the same inliers (and points)."""
     import pycolmap
+
+    pycolmap.set_random_seed(seed)
+    vo = pycolmap.TwoViewGeometryOptions()
+    vo.ransac.random_seed = seed
 
     if matcher == "auto":
         matcher = "exhaustive" if n_images <= 120 else "sequential"
     mo = pycolmap.FeatureMatchingOptions()
     mo.num_threads = threads
     if matcher == "exhaustive":
-        pycolmap.match_exhaustive(db, matching_options=mo, device=pycolmap.Device.cpu)
+        pycolmap.match_exhaustive(db, matching_options=mo, verification_options=vo, device=pycolmap.Device.cpu)
     elif matcher == "sequential":
         po = pycolmap.SequentialPairingOptions()
         po.overlap = 15
-        pycolmap.match_sequential(db, matching_options=mo, pairing_options=po, device=pycolmap.Device.cpu)
+        pycolmap.match_sequential(db, matching_options=mo, pairing_options=po, verification_options=vo,
+                                  device=pycolmap.Device.cpu)
     elif matcher == "spatial":
-        pycolmap.match_spatial(db, matching_options=mo, device=pycolmap.Device.cpu)
+        pycolmap.match_spatial(db, matching_options=mo, verification_options=vo, device=pycolmap.Device.cpu)
     else:
         raise ValueError(f"unknown matcher {matcher!r}")
     return matcher
@@ -96,7 +102,7 @@ def triangulate_given(scene: Scene, work: Path, matcher: str, threads: int, max_
              camera_model="PINHOLE")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    used = _match(db, matcher, len(names), threads)
+    used = _match(db, matcher, len(names), threads, seed)
     t["match_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     database = pycolmap.Database.open(db)
@@ -113,7 +119,7 @@ def triangulate_given(scene: Scene, work: Path, matcher: str, threads: int, max_
         rec.add_image_with_trivial_frame(im, _rigid(cam.w2c))
     database.close()
     opts = pycolmap.IncrementalPipelineOptions()
-    opts.num_threads = threads
+    opts.num_threads = 1  # multi-threaded bundle adjustment is not bit-repeatable; this step is short
     opts.random_seed = seed
     tri_dir = work / "model"
     tri_dir.mkdir(parents=True, exist_ok=True)
@@ -138,11 +144,11 @@ def map_unknown(scene: Scene, work: Path, matcher: str, threads: int, max_featur
              camera_model="SIMPLE_RADIAL")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    used = _match(db, matcher, len(names), threads)
+    used = _match(db, matcher, len(names), threads, seed)
     t["match_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     opts = pycolmap.IncrementalPipelineOptions()
-    opts.num_threads = threads
+    opts.num_threads = 1  # multi-threaded bundle adjustment is not bit-repeatable; this step is short
     opts.random_seed = seed
     opts.multiple_models = False
     maps_dir = work / "mapping"

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -66,7 +67,15 @@ def test_slurm_profile_runs_jobs_through_slurm(slurm, shared_dir, tmp_path):
     # same outputs as the local run
     local = runs["local"][0]
     d = "results/llff/fern"
-    for rel in ("prepared/images/image001.png", "sfm/points.npz"):
-        assert _digest(wf / d / rel) == _digest(local / d / rel), rel
+    assert _digest(wf / d / "prepared/images/image001.png") == _digest(local / d / "prepared/images/image001.png")
+    # SfM: the same points and tracks; COLMAP may list a track's observations in another order and
+    # round the last bit of a coordinate differently between processes
+    a, b = np.load(wf / d / "sfm/points.npz"), np.load(local / d / "sfm/points.npz")
+    assert np.array_equal(a["ids"], b["ids"]) and np.array_equal(a["rgb"], b["rgb"])
+    np.testing.assert_allclose(a["xyz"], b["xyz"], rtol=0, atol=1e-9)
+    def tracks(z):
+        return sorted(zip(z["track_point"].tolist(), z["track_image"].tolist(), z["track_xy"].round(6).tolist()))
+    assert tracks(a) == tracks(b)
     for rel in ("correspondences/matches.parquet", "correspondences/pairs.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(wf / d / rel), pd.read_parquet(local / d / rel))
+        pd.testing.assert_frame_equal(pd.read_parquet(wf / d / rel), pd.read_parquet(local / d / rel),
+                                      check_exact=False, rtol=1e-9)
