@@ -90,20 +90,29 @@ def _image_dir(scene: Scene) -> tuple[Path, list[str]]:
     return dirs.pop(), [p.name for p in paths]
 
 
-def triangulate_given(scene: Scene, work: Path, matcher: str, threads: int, max_features: int, seed: int):
-    """Fixed cameras and poses from the loader; points from matches + triangulation."""
-    import pycolmap
-
+def _features_and_matches(scene: Scene, work: Path, matcher: str, threads: int, max_features: int, seed: int,
+                          known_cameras: bool):
+    """SIFT + matching into work/database.db, timed. Known cameras: one PINHOLE per image (its K is
+    set later); unknown: one shared SIMPLE_RADIAL camera for the mapper to refine."""
     image_dir, names = _image_dir(scene)
     db = work / "database.db"
     t = {}
     t0 = time.perf_counter()
-    _extract(db, image_dir, names, single_camera=False, threads=threads, max_features=max_features,
-             camera_model="PINHOLE")
+    _extract(db, image_dir, names, single_camera=not known_cameras, threads=threads, max_features=max_features,
+             camera_model="PINHOLE" if known_cameras else "SIMPLE_RADIAL")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     used = _match(db, matcher, len(names), threads, seed)
     t["match_s"] = time.perf_counter() - t0
+    return image_dir, names, db, t, used
+
+
+def triangulate_given(scene: Scene, work: Path, matcher: str, threads: int, max_features: int, seed: int):
+    """Fixed cameras and poses from the loader; points from matches + triangulation."""
+    import pycolmap
+
+    image_dir, names, db, t, used = _features_and_matches(scene, work, matcher, threads, max_features, seed,
+                                                          known_cameras=True)
     t0 = time.perf_counter()
     database = pycolmap.Database.open(db)
     by_name = {im.name: im for im in database.read_all_images()}
@@ -136,16 +145,8 @@ def map_unknown(scene: Scene, work: Path, matcher: str, threads: int, max_featur
     """Incremental mapping; returns a scene whose cameras are the registered images."""
     import pycolmap
 
-    image_dir, names = _image_dir(scene)
-    db = work / "database.db"
-    t = {}
-    t0 = time.perf_counter()
-    _extract(db, image_dir, names, single_camera=True, threads=threads, max_features=max_features,
-             camera_model="SIMPLE_RADIAL")
-    t["extract_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    used = _match(db, matcher, len(names), threads, seed)
-    t["match_s"] = time.perf_counter() - t0
+    image_dir, names, db, t, used = _features_and_matches(scene, work, matcher, threads, max_features, seed,
+                                                          known_cameras=False)
     t0 = time.perf_counter()
     opts = pycolmap.IncrementalPipelineOptions()
     opts.num_threads = 1  # multi-threaded bundle adjustment is not bit-repeatable; this step is short
