@@ -22,6 +22,11 @@ if [ "$cmd" = down ]; then
   exit 0
 fi
 
+if command -v sinfo >/dev/null && timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  echo "slurm.sh: a SLURM is already up here; using it (nothing to stop later)"
+  mkdir -p "$STATE"; : > "$PIDS"
+  exit 0
+fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
@@ -56,7 +61,7 @@ NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 : > "$PIDS"
-runuser -u munge -- munged --pid-file=/run/munge/lrf-munged.pid
+runuser -u munge -- munged --force --pid-file=/run/munge/lrf-munged.pid  # --force: clear a stale socket
 wait_for 10 test -s /run/munge/lrf-munged.pid
 echo "munged $(cat /run/munge/lrf-munged.pid)" >> "$PIDS"
 slurmctld
