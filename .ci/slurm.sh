@@ -61,6 +61,7 @@ NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 : > "$PIDS"
+rm -f "$STATE/slurmctld.pid" "$STATE/slurmd.pid" /run/munge/lrf-munged.pid  # stale ones from a killed run
 runuser -u munge -- munged --force --pid-file=/run/munge/lrf-munged.pid  # --force: clear a stale socket
 wait_for 10 test -s /run/munge/lrf-munged.pid
 echo "munged $(cat /run/munge/lrf-munged.pid)" >> "$PIDS"
