@@ -7,6 +7,10 @@ Three kinds share one code path so their numbers are comparable:
 
     python -m lrf.evaluate --scene results/D/S/sfm/scene.json --kind latent --method vanilla \
         --field results/D/S/fields/vanilla/field.safetensors --vae '{...}' --weights-dir W --out results/D/S/eval/vanilla
+
+Writes metrics.json (quality only: the same config and seed give the same bytes, so two runs can
+be compared with a checksum) and timing.json beside it (render and decode milliseconds, and the
+field's fitting seconds: wall-clock numbers that differ on every run).
 """
 from __future__ import annotations
 
@@ -37,11 +41,12 @@ def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
 @torch.no_grad()
 def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, background=None,
              lpips_nets: dict | None = None, backend: str = "auto", save_renders: bool = True,
-             rgb_downscale: int = 1) -> dict:
+             rgb_downscale: int = 1) -> tuple[dict, dict]:
+    """(metrics, timing): scores per test view and their means, and the wall-clock times apart."""
     from lrf.metrics import psnr, ssim
 
     out_dir = Path(out_dir)
-    views = []
+    views, times = [], []
     for i in scene.test:
         cam = scene.cameras[i]
         photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
@@ -69,17 +74,22 @@ def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, backg
             raise ValueError(f"unknown kind {kind!r}")
         total_ms = (time.perf_counter() - t0) * 1e3
         pred = pred.clamp(0, 1).float()
-        row = {"view": cam.name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo),
-               "render_ms": None if kind == "ceiling" else render_ms, "total_ms": total_ms}
+        row = {"view": cam.name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo)}
+        times.append({"view": cam.name, "render_ms": None if kind == "ceiling" else render_ms, "total_ms": total_ms})
         for net, model in (lpips_nets or {}).items():
             row[f"lpips_{net}"] = float(model(pred, photo).mean())
         views.append(row)
         if save_renders:
             save_png(out_dir / "renders" / (Path(cam.name.replace("/", "__")).stem + ".png"),
                      pred[0].permute(1, 2, 0).numpy())
-    keys = [k for k in views[0] if k != "view" and views[0][k] is not None] if views else []
-    mean = {k: float(np.mean([v[k] for v in views])) for k in keys}
-    return {"scene": scene.key, "views": len(views), "mean": mean, "per_view": views}
+    metrics = {"scene": scene.key, "views": len(views), "mean": _means(views), "per_view": views}
+    timing = {"scene": scene.key, "views": len(times), "mean": _means(times), "per_view": times}
+    return metrics, timing
+
+
+def _means(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if k != "view" and rows[0][k] is not None] if rows else []
+    return {k: float(np.mean([v[k] for v in rows])) for k in keys}
 
 
 def main(argv=None) -> int:
@@ -108,7 +118,7 @@ def main(argv=None) -> int:
         if not scene.test:
             raise InputError(f"{scene.key}: {args.scene}: no test views")
         vae = load_vae(json.loads(args.vae), args.weights_dir) if args.kind != "rgb" else None
-        field, bg, fit_info = None, None, {}
+        field, bg, fit_info, fit_time = None, None, {}, {}
         if args.kind != "ceiling":
             from lrf.field import load_field
 
@@ -117,11 +127,16 @@ def main(argv=None) -> int:
             meta_path = args.field.with_suffix(".json")
             if meta_path.exists():
                 m = json.loads(meta_path.read_text())
-                fit_info = {k: m.get(k) for k in ("seconds", "steps", "num_gaussians", "final_loss") if k in m}
+                fit_info = {k: m.get(k) for k in ("steps", "num_gaussians", "final_loss") if k in m}
+                fit_time = {k: m.get(k) for k in ("seconds",) if k in m}
         nets = {n: LPIPS(n, Path(args.weights_dir) / "lpips") for n in args.lpips.split(",") if n}
-        res = evaluate(scene, args.kind, args.out, vae, field, bg, nets, rgb_downscale=args.rgb_downscale)
-        res.update({"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name,
-                    "fit": fit_info, "rgb_downscale": args.rgb_downscale if args.kind == "rgb" else None, "width": scene.cameras[0].width, "height": scene.cameras[0].height})
+        res, timing = evaluate(scene, args.kind, args.out, vae, field, bg, nets, rgb_downscale=args.rgb_downscale)
+        who = {"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name}
+        res.update({**who, "fit": fit_info, "rgb_downscale": args.rgb_downscale if args.kind == "rgb" else None,
+                    "width": scene.cameras[0].width, "height": scene.cameras[0].height})
+        timing.update({**who, "fit": fit_time, "threads": args.threads})
+        # timing first: a kill between the two leaves no metrics.json, so the step reruns whole
+        atomic_write_json(args.out / "timing.json", timing)
         atomic_write_json(args.out / "metrics.json", res)
         m = res["mean"]
         return (f"{scene.key}: {args.method}: PSNR {m['psnr']:.2f} SSIM {m['ssim']:.3f} "

@@ -8,6 +8,10 @@ run that failed (no metrics.json) shows up as a marked row with the ERROR line o
 of silently shrinking the averages. Outputs (all written atomically):
 metrics.csv (long form), tables.md, summary.json (flat, for DVC), summary.md, report.html,
 figures/*.png, grids/*.png.
+
+Wall-clock numbers (render/decode ms, fit seconds) come from the timing.json beside each
+metrics.json (lrf.evaluate keeps them apart so metrics files are repeatable); older metrics files
+that still hold them inline are read as they are.
 """
 from __future__ import annotations
 
@@ -157,11 +161,39 @@ def collect_runs(results: Path, scenes: list[str], methods: list[str], protocol:
                     runs.append(Run(dataset, scene, method, kind, split, "failed",
                                     f"ERROR {path}: unreadable metrics.json ({e})", str(path)))
                     continue
+                doc = merge_timing(doc, read_timing(path.with_name("timing.json")))
                 runs.append(Run(dataset, scene, method, doc.get("kind", kind), split, "ok", doc=doc))
             else:
                 status, err, log = find_error(results, dataset, scene, method, vae_name)
                 runs.append(Run(dataset, scene, method, kind, split, status, err, log))
     return runs
+
+
+def read_timing(path: Path) -> dict | None:
+    """timing.json, or None when absent or unreadable (timings are optional; scores are not)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def merge_timing(doc: dict, timing: dict | None) -> dict:
+    """The metrics document with the timing file's per-view times, means and fit seconds folded
+    in, so every table reads one document; values already in the metrics file are kept."""
+    if not timing:
+        return doc
+    doc = json.loads(json.dumps(doc))  # a copy: the caller's document stays as read
+    by_view = {t.get("view"): t for t in timing.get("per_view") or [] if isinstance(t, dict)}
+    for pv in doc.get("per_view") or []:
+        for k, v in (by_view.get(pv.get("view")) or {}).items():
+            pv.setdefault(k, v)
+    for part in ("mean", "fit"):
+        if not isinstance(doc.get(part), dict):
+            doc[part] = {}
+        for k, v in (timing.get(part) or {}).items():
+            doc[part].setdefault(k, v)
+    return doc
 
 
 def discover_scenes(results: Path) -> list[str]:

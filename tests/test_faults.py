@@ -1,7 +1,9 @@
-"""Faults: a fit killed with SIGKILL resumes from its checkpoint and ends bit-identical to an
-uninterrupted run; the pipeline's steps run with network sockets blocked."""
+"""Faults and repeatability: a fit killed with SIGKILL resumes from its checkpoint and ends
+bit-identical to an uninterrupted run; two workflow runs with one config give byte-identical
+metrics files; the pipeline's steps run with network sockets blocked."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lrf_env
+from conftest import lrf_env, make_workflow, snakemake_cmd
 
 CFG = {"iterations": 120, "refine_start": 20, "refine_stop": 80, "refine_every": 20, "reset_every": 100000,
        "max_gaussians": 4000, "checkpoint_every": 20, "log_every": 20, "background": "mean"}
@@ -106,3 +108,46 @@ def test_steps_run_with_sockets_blocked(given_runs, tmp_path, shared_dir):
     p = subprocess.run([sys.executable, "-m", "lrf.download", "--what", "weights", "--data-dir", str(tmp_path / "d"),
                         "--weights-dir", str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("ERROR download: "), p.stderr
+
+
+# --------------------------------------------------------------------------- repeatability
+FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
+        "poses": "given", "max_side": 128, "max_images": 6}
+TINY_FIELD = {"iterations": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
+              "max_gaussians": 3000, "checkpoint_every": 1000, "log_every": 10, "background": "mean"}
+REPEAT_METHODS = ("vanilla",)  # prepare, SfM, encode, fit, render, decode, LPIPS; the ceiling adds 2x10 s
+
+
+def _digests(results: Path) -> dict[str, str]:
+    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+            for p in sorted(results.rglob("*")) if p.is_file() and "logs" not in p.parts}
+
+
+def test_two_runs_give_identical_metrics_files(shared_dir, tmp_path):
+    """The same config and seed in two separate copies of the workflow, run side by side (prepare,
+    SfM with given poses, encode, fit, evaluate): the metrics.json files are byte-identical, and
+    the wall-clock numbers, which cannot be, are in timing.json beside them."""
+    targets = [f"results/llff/fern/eval/{m}/metrics.json" for m in REPEAT_METHODS]
+    procs = []
+    for name in ("a", "b"):
+        wf = make_workflow(tmp_path / name, [FERN], shared_dir, methods=list(REPEAT_METHODS),
+                           field={"latent": dict(TINY_FIELD), "rgb": dict(TINY_FIELD)}, evaluate={"lpips": ["alex"]})
+        procs.append((wf, subprocess.Popen(snakemake_cmd(wf, "--cores", "1", *targets), cwd=wf, env=lrf_env(shared_dir),
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for wf, p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    (a, _), (b, _) = procs
+    for t in targets:
+        ta, tb = (a / t).read_bytes(), (b / t).read_bytes()
+        if ta != tb:  # name every upstream file that already differed, to say where it starts
+            da, db = _digests(a / "results"), _digests(b / "results")
+            diff = sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+            pytest.fail(f"{t} differs between two identical runs; differing files: {diff}")
+        doc = json.loads(ta)
+        assert doc["views"] >= 1 and doc["mean"]["psnr"] > 10 and "lpips_alex" in doc["mean"]
+        assert not {"render_ms", "total_ms", "seconds"} & (set(doc["mean"]) | set(doc.get("fit") or {})), doc
+        timing = json.loads((a / t).with_name("timing.json").read_text())
+        assert timing["mean"]["total_ms"] > 0 and len(timing["per_view"]) == doc["views"]
+    assert json.loads((a / targets[-1]).read_text())["fit"]["steps"] == TINY_FIELD["iterations"]
+    assert json.loads((a / targets[-1]).with_name("timing.json").read_text())["fit"]["seconds"] > 0

@@ -60,15 +60,30 @@ def make_scene(results: Path, key: str) -> None:
     Scene(dataset, name, cams, root=results / key).save(results / key / "sfm" / "scene.json")
 
 
+TIMING = ("render_ms", "total_ms")
+OLD_FORMAT = ("dsA/s1", "rgb-3dgs")  # timings inline in metrics.json, as lrf.evaluate wrote them before
+
+
 def make_run(results: Path, key: str, method: str) -> None:
+    """metrics.json and timing.json as lrf.evaluate writes them (OLD_FORMAT: one file, timings inline)."""
     dataset, name = key.split("/")
     out = results / key / "eval" / method
     pv = per_view_values(key, method)
     mean = {k: float(np.mean([r[k] for r in pv])) for k in pv[0] if k != "view"}
-    doc = {"scene": key, "dataset": dataset, "scene_name": name, "method": method, "kind": KIND[method],
-           "views": len(pv), "mean": mean, "per_view": pv, "fit": {"seconds": 100.0 + METHODS.index(method)},
-           "width": 16, "height": 16}
+    who = {"scene": key, "dataset": dataset, "scene_name": name, "method": method, "kind": KIND[method]}
+    fit_seconds = 100.0 + METHODS.index(method)
     out.mkdir(parents=True)
+    if (key, method) == OLD_FORMAT:
+        doc = {**who, "views": len(pv), "mean": mean, "per_view": pv, "fit": {"seconds": fit_seconds},
+               "width": 16, "height": 16}
+    else:
+        doc = {**who, "views": len(pv), "mean": {k: v for k, v in mean.items() if k not in TIMING},
+               "per_view": [{k: v for k, v in r.items() if k not in TIMING} for r in pv], "fit": {"steps": 30},
+               "width": 16, "height": 16}
+        timing = {**who, "views": len(pv), "mean": {k: mean[k] for k in TIMING},
+                  "per_view": [{"view": r["view"], **{k: r[k] for k in TIMING}} for r in pv],
+                  "fit": {"seconds": fit_seconds}}
+        (out / "timing.json").write_text(json.dumps(timing))
     (out / "metrics.json").write_text(json.dumps(doc))
     for v in VIEWS:
         save_png(out / "renders" / v, np.full((16, 16, 3), 0.25 * (1 + METHODS.index(method)), np.float32))
@@ -129,6 +144,7 @@ def test_metrics_csv_long_form(report):
     assert {r["split"] for r in rows if r["dataset"] == "dsB"} == {"cross-dataset"}
     fit = [r for r in rows if r["metric"] == "fit_seconds"]
     assert len(fit) == 5 and all(r["view"] == "-" for r in fit)
+    assert {(r["scene"], r["method"]): float(r["value"]) for r in fit}[("s1", "full")] == 101.0
 
 
 def test_missing_run_is_marked_failed_with_its_error(report):
@@ -176,6 +192,9 @@ def test_tables_hold_the_means(report):
     assert float(t["cross-dataset"]["rgb-3dgs"]) == pytest.approx(mean_of("dsB/s2", "rgb-3dgs", "psnr"), abs=0.006)
     t = _md_table(md, "Field fitting time (s)")
     assert float(t["dsA/s1"]["full"]) == pytest.approx(101.0)
+    assert float(t["dsA/s1"]["rgb-3dgs"]) == pytest.approx(102.0)     # OLD_FORMAT: inline seconds
+    t = _md_table(md, "Render + decode time per test view (ms)")       # from timing.json, and inline
+    assert float(t["dsB/s2"]["vanilla"]) == float(t["dsA/s1"]["rgb-3dgs"]) == pytest.approx(50.5)
 
 
 def test_summary_json_is_flat_and_numeric(report):

@@ -11,11 +11,13 @@ def _eval_inputs(wc):
 
 
 rule evaluate:
-    """Render, decode and score the held-out views: PSNR, SSIM, LPIPS (alex, vgg), render ms."""
+    """Render, decode and score the held-out views: PSNR, SSIM, LPIPS (alex, vgg) in metrics.json
+    (identical bytes for identical config and seed); wall-clock render/decode ms in timing.json."""
     input:
         unpack(_eval_inputs),
     output:
-        "results/{dataset}/{scene}/eval/{method}/metrics.json",
+        metrics="results/{dataset}/{scene}/eval/{method}/metrics.json",
+        timing="results/{dataset}/{scene}/eval/{method}/timing.json",
     params:
         kind=lambda wc: METHODS[wc.method]["kind"],
         field=lambda wc, input: f"--field {input.field}" if "field" in input.keys() else "",
@@ -23,7 +25,7 @@ rule evaluate:
         weights=WEIGHTS_DIR,
         lpips=",".join(config["evaluate"]["lpips"]),
         rgb_downscale=config.get("rgb_downscale", 1),
-        out=lambda wc, output: Path(output[0]).parent,
+        out=lambda wc, output: Path(output.metrics).parent,
     wildcard_constraints:
         method="|".join(METHODS),
     conda:

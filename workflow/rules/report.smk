@@ -9,7 +9,8 @@ REPORT_CMD = "{PY} lrf.report --results results --config-json {params.cfg:q} --o
 rule report:
     """Gather every metrics file into tables, figures, image grids, report.html and summary.json."""
     input:
-        [expand_scenes("results/{dataset}/{scene}/eval/{method}/metrics.json", method=m) for m in config["methods"]],
+        [expand_scenes("results/{dataset}/{scene}/eval/{method}/{f}.json", method=m, f=f)
+         for m in config["methods"] for f in ("metrics", "timing")],
     output:
         summary="results/report/summary.json",
         csv="results/report/metrics.csv",
