@@ -52,6 +52,21 @@ def selected_scenes():
     return keys
 
 
+def protocol(which):
+    return list((config.get("protocol") or {}).get(which) or [])
+
+
+# Scheduling: the fine-tuning chain (SfM of the protocol scenes -> stage 1 -> `enc` latents and
+# fields -> stage 3) is the critical path of a run; everything else (baselines, vanilla fields,
+# evaluations) fills the remaining cores. Without these priorities Snakemake may fit a whole
+# scene's baselines before stage 1 starts (a 2-core default run: 32 min instead of ~20).
+CRITICAL = 50
+
+
+def protocol_priority(wc):
+    return CRITICAL if f"{wc.dataset}/{wc.scene}" in protocol("tune") + protocol("eval") else 0
+
+
 def _check_protocol():
     for which in ("tune", "eval"):
         missing = [k for k in (config.get("protocol") or {}).get(which) or [] if k not in SCENES]

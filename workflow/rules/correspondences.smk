@@ -15,6 +15,7 @@ rule correspondences:
         CONDA_ENV
     log:
         "results/logs/correspondences/{dataset}/{scene}.log",
+    priority: protocol_priority
     threads: 1
     resources:
         mem_mb=3000,

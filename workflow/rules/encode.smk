@@ -14,6 +14,7 @@ rule encode:
         CONDA_ENV
     log:
         "results/logs/encode/{dataset}/{scene}/{variant}.log",
+    priority: lambda wc: CRITICAL if wc.variant.endswith("-enc") else 0
     threads: res("encode", "threads", 2)
     resources:
         mem_mb=res("encode", "mem_mb", 6000),

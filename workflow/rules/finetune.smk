@@ -2,10 +2,6 @@
 # rendered latents). Tuned on the protocol's `tune` scenes; consistency and alignment are
 # also measured on its `eval` scenes, which the VAE never sees in training.
 
-def protocol(which):
-    return list((config.get("protocol") or {}).get(which) or [])
-
-
 rule stage1:
     """Correspondence-aware autoencoding: fine-tune the encoder on the tuning scenes' training views."""
     input:
@@ -30,6 +26,7 @@ rule stage1:
         CONDA_ENV
     log:
         f"results/logs/stage1/{VAE['name']}.log",
+    priority: CRITICAL
     threads: res("stage1", "threads", 2)
     resources:
         mem_mb=res("stage1", "mem_mb", 8000),
@@ -65,6 +62,7 @@ rule stage3:
         CONDA_ENV
     log:
         f"results/logs/stage3/{VAE['name']}.log",
+    priority: CRITICAL
     threads: res("stage3", "threads", 2)
     resources:
         mem_mb=res("stage3", "mem_mb", 8000),

@@ -25,6 +25,7 @@ rule fit_field:
         CONDA_ENV
     log:
         "results/logs/fit_field/{dataset}/{scene}/{field}.log",
+    priority: lambda wc: CRITICAL if wc.field == "enc" else 0
     threads: res("fit_field", "threads", 2)
     resources:
         mem_mb=res("fit_field", "mem_mb", 8000),

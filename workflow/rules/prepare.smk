@@ -12,6 +12,7 @@ rule prepare:
         CONDA_ENV
     log:
         "results/logs/prepare/{dataset}/{scene}.log",
+    priority: protocol_priority
     threads: 1
     resources:
         mem_mb=3000,

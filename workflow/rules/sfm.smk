@@ -15,6 +15,7 @@ rule sfm:
         CONDA_ENV
     log:
         "results/logs/sfm/{dataset}/{scene}.log",
+    priority: protocol_priority
     threads: config["sfm"]["threads"]
     resources:
         mem_mb=6000,
