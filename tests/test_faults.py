@@ -59,6 +59,109 @@ def test_sigkill_during_fit_then_rerun_is_exact(given_runs, tmp_path, shared_dir
         assert (a[k] == b[k]).all(), k
 
 
+# --------------------------------------------------------------------------- SIGKILL during VAE tuning
+VAE_SPEC = json.dumps({"kind": "taef2", "source": "{weights}/taef2"})
+
+
+def _kill_after_checkpoint(cmd: list[str], out: Path, final: str, min_step: int, env: dict) -> None:
+    """Start cmd, SIGKILL it once its checkpoint has reached `min_step`, before `final` exists."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and p.poll() is None:
+            meta = out / "ckpt.json"
+            try:
+                if (out / "ckpt.safetensors").exists() and json.loads(meta.read_text()).get("step", 0) >= min_step:
+                    break
+            except (OSError, ValueError):  # not written yet, or caught mid-rename
+                pass
+            time.sleep(0.02)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL, f"the run ended by itself (rc {p.returncode}) before it was killed"
+    assert not (out / final).exists(), "killed too late: the run had already finished"
+
+
+def _kill_rerun_compare(cmd, ref: Path, out: Path, final: str, env: dict, min_step: int = 4) -> str:
+    """An uninterrupted run beside one killed after a checkpoint; rerun the killed one to the end
+    with the same command; the final weights must be bit-identical. Returns the rerun's stderr."""
+    whole = subprocess.Popen(cmd(ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _kill_after_checkpoint(cmd(out), out, final, min_step, env)
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-2000:]
+    done = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import torch
+
+    a, b = _tensors(ref / final), _tensors(out / final)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert not (out / "ckpt.safetensors").exists()  # consumed: the finished run cleans up
+    return done.stderr
+
+
+@pytest.fixture(scope="module")
+def small_fern(data_dir, tmp_path_factory) -> Path:
+    """Five fern views at 128x96 with SfM points from the given poses: each stage's before/after
+    measurement encodes every view, so small views keep a run near 10 s."""
+    from conftest import GEOMETRY_SPECS, select_cameras, subset
+    from lrf.scene.loaders import load_scene
+    from lrf.scene.prepare import prepare_scene
+    from lrf.sfm import run_sfm
+
+    spec = GEOMETRY_SPECS["fern"]
+    base = tmp_path_factory.mktemp("small-fern")
+    scene = load_scene(spec.fmt, data_dir / spec.rel, spec.dataset, spec.name, spec.images)
+    prepared = prepare_scene(subset(scene, select_cameras(scene, spec)[:5]), base / "prepared", max_side=128)
+    run_sfm(prepared, base / "sfm", poses="given", max_features=1024)
+    return base / "sfm" / "scene.json"
+
+
+def test_sigkill_during_stage1_then_rerun_is_exact(small_fern, tmp_path, shared_dir):
+    """`python -m lrf.finetune.stage1` on real fern views and their SfM correspondences."""
+    from lrf import correspondences as corr
+    from lrf.scene.model import Scene
+
+    scene_json = small_fern
+    m, pairs = corr.mine(Scene.load(scene_json))
+    corr.write(tmp_path / "corr", m, pairs, corr.summarize(Scene.load(scene_json), m, pairs))
+    cfg = {"steps": 10, "crop": 48, "batch": 1, "w_lpips": 0.0, "corr_margin": 6, "checkpoint_every": 2,
+           "log_every": 1}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "lrf.finetune.stage1", "--vae", VAE_SPEC, "--weights-dir",
+                str(shared_dir / "weights"), "--scene", str(scene_json), "--corr", str(tmp_path / "corr"),
+                "--cfg", json.dumps(cfg), "--seed", "0", "--threads", "1", "--out", str(out)]
+
+    err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "encoder.safetensors", lrf_env(shared_dir))
+    assert "[stage1] resuming from step" in err, err[-2000:]
+
+
+def test_sigkill_during_stage3_then_rerun_is_exact(small_fern, tmp_path, shared_dir):
+    """`python -m lrf.finetune.stage3` on real fern views and a latent field seeded from its SfM points."""
+    import numpy as np
+
+    from lrf.field import GaussianField, save_field
+    from lrf.scene.model import Scene
+
+    scene_json = small_fern
+    pts = Scene.load(scene_json).points
+    feats = np.random.default_rng(0).standard_normal((len(pts), 32)).astype(np.float32)
+    save_field(GaussianField.from_points(pts.xyz, feats, init_opacity=0.5), tmp_path / "field.safetensors")
+    cfg = {"steps": 10, "crop": 32, "batch": 2, "w_lpips": 0.0, "backend": "cpu", "checkpoint_every": 2,
+           "log_every": 1}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "lrf.finetune.stage3", "--vae", VAE_SPEC, "--weights-dir",
+                str(shared_dir / "weights"), "--scene", str(scene_json), "--field", str(tmp_path / "field.safetensors"),
+                "--cfg", json.dumps(cfg), "--seed", "0", "--threads", "1", "--out", str(out)]
+
+    err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "decoder.safetensors", lrf_env(shared_dir))
+    assert "[stage3] resuming from step" in err, err[-2000:]
+
+
 SITE = '''
 import socket
 def _blocked(*a, **k):
