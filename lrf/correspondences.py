@@ -6,6 +6,10 @@ dropped. Each pair gets a weight from how far apart its cameras look at the shar
 (the median triangulation angle), normalised to mean 1 over the scene's pairs: nearby cameras
 see nearly the same pixels, so their agreement says little about 3D consistency.
 
+A scene that yields no correspondence at all (no SfM tracks, or none left after the filters)
+fails this step with one line, `ERROR <dataset>/<scene>: <.../points.npz>: <reason>`, and writes
+nothing: empty tables would only move the failure to stage 1, further from its cause.
+
     python -m lrf.correspondences --scene results/D/S/sfm/scene.json --out results/D/S/correspondences
 """
 from __future__ import annotations
@@ -29,11 +33,15 @@ def observation_errors(scene: Scene) -> np.ndarray:
 
 
 def mine(scene: Scene, max_reproj_px: float = 2.0, min_track: int = 2, max_per_pair: int | None = None,
-         seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(matches, pairs) tables; indices refer to `scene.cameras`."""
+         seed: int = 0, points_file: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(matches, pairs) tables; indices refer to `scene.cameras`.
+
+    points_file: where the scene's points were read from, for the error line (an in-memory scene
+    has none, and its `root` is its images' folder, not the points')."""
     p = scene.points
+    where = points_file or "points.npz"
     if p is None or len(p.track_point) == 0:
-        raise SceneError(scene.key, "points.npz", "scene has no SfM tracks")
+        raise SceneError(scene.key, where, "scene has no SfM tracks")
     err = observation_errors(scene)
     keep = err <= max_reproj_px
     tp, ti, xy, er = p.track_point[keep], p.track_image[keep], p.track_xy[keep], err[keep]
@@ -54,8 +62,8 @@ def mine(scene: Scene, max_reproj_px: float = 2.0, min_track: int = 2, max_per_p
         a, b = np.triu_indices(e - s, k=1)
         rows_a.append(a + s); rows_b.append(b + s)
     if sum(len(r) for r in rows_a) == 0:  # no point kept two views (rows_a holds one empty group then)
-        raise SceneError(scene.key, "points.npz", "no correspondences survive the filters "
-                                                  f"(max reprojection {max_reproj_px} px, min track {min_track})")
+        raise SceneError(scene.key, where, "no correspondences survive the filters "
+                                           f"(max reprojection {max_reproj_px} px, min track {min_track})")
     a, b = np.concatenate(rows_a), np.concatenate(rows_b)
     swap = ti[a] > ti[b]
     a, b = np.where(swap, b, a), np.where(swap, a, b)
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
 
     def go():
         scene = Scene.load(args.scene)
-        m, pairs = mine(scene, args.max_reproj, args.min_track, args.max_per_pair or None, args.seed)
+        m, pairs = mine(scene, args.max_reproj, args.min_track, args.max_per_pair or None, args.seed,
+                        points_file=(args.scene.parent / "points.npz").resolve())
         s = summarize(scene, m, pairs)
         write(args.out, m, pairs, s)
         return (f"{scene.key}: {s['pairs']} pairs, {s['matches']} matches "

@@ -208,6 +208,31 @@ def test_sfm_registers_too_few(data_dir, run_lrf, tmp_path):
     assert_cli_error(proc, "photos/noisy", prep / "images", reason)
 
 
+# --------------------------------------------------------------------------- correspondences
+@pytest.mark.parametrize("case,reason", [
+    ("single_views", r"^no correspondences survive the filters \(max reprojection 2.0 px, min track 2\)$"),
+    ("no_tracks", r"^scene has no SfM tracks$"),
+])
+def test_correspondences_empty_for_a_scene(given_runs, run_lrf, tmp_path, case, reason):
+    """Real fern SfM whose points are each seen in one view only (or have no tracks at all): the
+    step fails with one line naming the scene and its points.npz, and writes no tables."""
+    from lrf.scene.model import Points, Scene
+
+    src = Scene.load(given_runs("fern").out / "scene.json")
+    p = src.points
+    if case == "single_views":
+        _, first = np.unique(p.track_point, return_index=True)
+        pts = Points(p.xyz, p.rgb, p.error, p.ids, p.track_point[first], p.track_image[first], p.track_xy[first])
+    else:
+        pts = Points(p.xyz, p.rgb, p.error, p.ids, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)))
+    scene_json = tmp_path / "sfm" / "scene.json"
+    Scene(src.dataset, src.name, src.cameras, pts, src.root, src.meta).save(scene_json)
+    out = tmp_path / "corr"
+    proc = run_lrf("correspondences", "--scene", scene_json, "--out", out)
+    assert_cli_error(proc, "llff/fern", scene_json.parent / "points.npz", reason)
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- the scene sheet
 def test_sheet_names_missing_folder(workflow_copy, snakemake_run, data_dir):
     wf = workflow_copy([{"dataset": "llff", "scene": "ghost", "format": "llff", "path": "llff/no-such-folder",
