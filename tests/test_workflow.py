@@ -6,6 +6,7 @@ configs or sheets that break the schemas.
 """
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import time
@@ -40,11 +41,13 @@ def runs(shared_dir, data_dir, tmp_path_factory):
     bad = {**FERN, "scene": "badfern", "path": str(bad_root)}
 
     jobs = {
-        # explicit targets: the stages this test covers (prepare -> sfm -> correspondences), not the
-        # VAE / field / evaluation stages that the default target also builds
-        "real": (make_workflow(base / "real", [FERN, bad], shared_dir),
+        # explicit targets: prepare -> sfm -> correspondences, and the report over the cheapest
+        # method (the VAE ceiling: no field, no tuning); the bad scene fails, so the report comes
+        # from the workflow's onerror hook, as it would after any --keep-going run with a failure
+        "real": (make_workflow(base / "real", [FERN, bad], shared_dir, methods=["vae-ceiling"],
+                               evaluate={"lpips": ["alex"]}),
                  ["--cores", "2", "--keep-going", "results/llff/fern/correspondences/summary.json",
-                  "results/llff/badfern/correspondences/summary.json"]),
+                  "results/llff/badfern/correspondences/summary.json", "results/report/summary.json"]),
         "dry": (make_workflow(base / "dry", [FERN], shared_dir), ["-n", "--cores", "2"]),  # the default target
         "unknown_key": (make_workflow(base / "unknown_key", [FERN], shared_dir, bogus_option=1), ["-n", "--cores", "1"]),
         "space": (make_workflow(base / "space", [FERN, {**FERN, "scene": "my fern"}], shared_dir, select=["llff/fern"]),
@@ -97,6 +100,28 @@ def test_bad_scene_error_is_one_line(runs):
     assert len(errors) == 1, r.err[-3000:]
     assert errors[0].startswith(f"ERROR llff/badfern: {runs['bad_image']}: cannot decode image"), errors[0]
     assert "Traceback" not in r.err
+
+
+def test_report_marks_the_failed_scene(runs):
+    """--keep-going: the good scene's metrics are in the report, the bad scene is a FAILED row
+    carrying its one-line error, in metrics.csv, tables.md and report.html."""
+    r = runs["real"]
+    rep = r.wf / "results" / "report"
+    rows = list(csv.DictReader((rep / "metrics.csv").open(newline="")))
+    good = [x for x in rows if x["scene"] == "fern"]
+    bad = [x for x in rows if x["scene"] == "badfern"]
+    assert {x["status"] for x in good} == {"ok"} and {x["method"] for x in good} == {"vae-ceiling"}
+    psnr = [float(x["value"]) for x in good if x["metric"] == "psnr"]
+    assert len(psnr) == 1 and psnr[0] > 15, good
+    error = f"ERROR llff/badfern: {runs['bad_image']}: cannot decode image"
+    assert len(bad) == 1 and bad[0]["status"] == "failed" and bad[0]["error"].startswith(error), bad
+    md = (rep / "tables.md").read_text()
+    failed = md.split("### Failed or missing runs", 1)[1].split("###", 1)[0]
+    assert "llff/badfern" in failed and "FAILED" in failed and error in failed and "llff/fern" not in failed
+    assert error in (rep / "report.html").read_text()
+    s = json.loads((rep / "summary.json").read_text())
+    assert (s["runs_ok"], s["runs_failed"], s["scenes_failed"]) == (1, 1, 1)
+    assert s["psnr/vae-ceiling"] == pytest.approx(psnr[0], abs=1e-5)
 
 
 def test_logs_are_written(runs):
