@@ -180,7 +180,7 @@ def test_regulariser_kl_for_kl_autoencoders_stats_otherwise():
 
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     pair = CropPair(0, 0, 1, (0, 0), (0, 0), np.array([[12.0, 12.0]]), np.array([[12.0, 12.0]]), 1.0)
-    cfg = Stage1Config(crop=32, w_lpips=0.0)
+    cfg = Stage1Config(crop=32, w_lpips=0.0, w_anchor=0.0)
     m0, s0 = torch.zeros(4), torch.ones(4)
     for vae, expect in ((TinyKL(4), "kl"), (TinyAE(4), "stats")):
         out = step_losses(vae, None, x, [pair], cfg, m0, s0)
@@ -190,6 +190,33 @@ def test_regulariser_kl_for_kl_autoencoders_stats_otherwise():
     # the stats penalty is zero exactly at the reference statistics
     z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     assert float(stats_penalty(z, z.mean((0, 2, 3)), z.std((0, 2, 3)))) < 1e-10
+
+
+def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves():
+    """The anchor ties the latents to the frozen starting encoder: exactly zero before any
+    update, positive once the encoder's weights change, and part of the total loss."""
+    import copy
+
+    from lrf.finetune.stage1 import CropPair, step_losses
+
+    vae = TinyAE(4)
+    vae0 = copy.deepcopy(vae)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pair = CropPair(0, 0, 1, (0, 0), (0, 0), np.array([[12.0, 12.0]]), np.array([[12.0, 12.0]]), 1.0)
+    m0, s0 = torch.zeros(4), torch.ones(4)
+    cfg = Stage1Config(crop=32, w_lpips=0.0, w_anchor=2.0)
+    enc0 = lambda t: vae0.encode_distribution(t)[0]  # noqa: E731
+    out = step_losses(vae, None, x, [pair], cfg, m0, s0, enc0)
+    assert float(out["anchor"]) == 0.0
+    with torch.no_grad():
+        for p in vae.encoder.parameters():
+            p.add_(0.05)
+    out = step_losses(vae, None, x, [pair], cfg, m0, s0, enc0)
+    want = (vae.encode(x) - vae0.encode(x)).abs().mean()
+    torch.testing.assert_close(out["anchor"], want)
+    assert float(want) > 0
+    rest = out["recon_l1"] + cfg.lambda_corr * out["corr"] + cfg.w_stats * out["stats"]
+    torch.testing.assert_close(out["loss"], rest + 2.0 * want)
 
 
 def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
@@ -210,7 +237,8 @@ def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
     assert same(state(vae.decoder), dec0)             # decoder untouched
     assert not same(state(vae.encoder), enc0)
     curve = pd.read_csv(tmp_path / "out" / "curve.csv")
-    assert list(curve.columns) == ["step", "loss", "recon_l1", "lpips", "corr", "stats", "seconds"]
+    assert list(curve.columns) == ["step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "seconds"]
+    assert curve["anchor"].iloc[0] == 0.0 and curve["anchor"].iloc[-1] > 0  # starts at the frozen encoder
     assert len(curve) == 8 and (curve["corr"] > 0).all()
     from safetensors.torch import load_file
 
@@ -303,6 +331,41 @@ def test_stage1_cli_run_measure_only_and_one_line_errors(tmp_path, capsys):
     assert len(loaded.matches) == len(cs.matches) and loaded.scene.cameras[1].name == "b.png"
     with pytest.raises(Exception, match="missing"):
         load_corr_scene(tmp_path / "scene.json", tmp_path / "nowhere")
+
+
+def test_stage1_scene_without_correspondences(tmp_path, capsys):
+    """Empty matches tables: alone, one ERROR line naming the scene and the file; beside a scene
+    that has matches, a WARNING naming them, and the run tunes on the other scene."""
+    if not HAVE_TAEF2:
+        pytest.skip("no TAEF2 weights")
+    from lrf.correspondences import write
+    from lrf.finetune.stage1 import main
+
+    good = shift_scene(tmp_path / "img", w=64, h=48)
+    good.scene.save(tmp_path / "good" / "scene.json")
+    write(tmp_path / "good" / "corr", good.matches, good.pairs, {})
+    empty = Scene("synthetic", "empty", good.scene.cameras, root=good.scene.root)
+    empty.save(tmp_path / "empty" / "scene.json")
+    write(tmp_path / "empty" / "corr", good.matches.iloc[:0], good.pairs.iloc[:0], {})
+    table = (tmp_path / "empty" / "corr" / "matches.parquet").resolve()
+    common = ["--vae", json.dumps({"kind": "taef2", "source": "{weights}/taef2"}), "--weights-dir",
+              str(SHARED / "weights"), "--threads", "1", "--cfg",
+              '{"steps": 1, "crop": 32, "batch": 1, "w_lpips": 0.0, "corr_margin": 4}']
+    alone = ["--scene", str(tmp_path / "empty" / "scene.json"), "--corr", str(tmp_path / "empty" / "corr")]
+
+    assert main([*common, *alone, "--out", str(tmp_path / "o1")]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("ERROR", "WARNING"))]
+    assert lines == [f"ERROR synthetic/empty: {table}: no correspondences (empty table)"], err[-2000:]
+    assert not (tmp_path / "o1" / "encoder.safetensors").exists()
+
+    both = ["--scene", str(tmp_path / "good" / "scene.json"), "--corr", str(tmp_path / "good" / "corr"), *alone]
+    assert main([*common, *both, "--out", str(tmp_path / "o2")]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("ERROR", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("WARNING") and f"synthetic/empty: {table}: no correspondences" \
+        in lines[0], err[-2000:]
+    assert (tmp_path / "o2" / "encoder.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- stage 3
