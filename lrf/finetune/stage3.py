@@ -9,7 +9,7 @@ corner-origin pixels) and the background the field was fitted with. Training sam
 crops aligned with photo crops (latent cell offset * 8 = pixel offset) and minimises
 L1 + w_lpips * LPIPS between decode(latent crop, clamp=False) and the photo crop.
 
-A fraction `clean_fraction` (default 0.25) of the crops uses clean latents, encoder(photo),
+A fraction `clean_fraction` (default 0.5) of the crops uses clean latents, encoder(photo),
 instead of rendered ones: the decoder must keep decoding clean latents (the VAE ceiling, and
 latents that come from a diffusion model rather than a field); trained on rendered latents
 alone it drifts away from them.
@@ -44,8 +44,11 @@ VIEWS = ("all", "train")
 
 @dataclass
 class Stage3Config(TrainConfig):
-    lr: float = 5e-5              # the decoder must move further than the encoder in stage 1
-    clean_fraction: float = 0.25
+    lr: float = 2e-5              # lego-tuned, 150 steps, fern never seen (rendered / clean test
+    clean_fraction: float = 0.5   # PSNR, before 19.37 / 24.94): lr 5e-5 + clean 0.25 -> 18.47 /
+    #                               21.34; lr 2e-5 + clean 0.5 -> 18.94 / 22.73 (in-domain clean
+    #                               28.11 -> 27.81 instead of 25.59). One tuning scene drifts the
+    #                               decoder; more and more varied scenes are the real remedy.
     views: str = "all"            # train on "all" views (the authors' choice) or "train" only
     backend: str = "auto"         # rasteriser for the one-off renders
 
