@@ -38,3 +38,28 @@ def test_scale_preset_plans_twenty_scenes(repo_dir, tmp_path):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     assert counts.get("fit_field") == 20 and counts.get("evaluate") == 40, r.stdout
+
+
+def test_the_fine_tuning_chain_is_scheduled_first(repo_dir):
+    """Rule priorities: SfM of the protocol scenes, stage 1, the `enc` latents and fields and
+    stage 3 outrank the baselines; and no rule asks for more threads than a 2-core run's jobs
+    use (a 2-thread job beside 1-thread ones waits until nothing else is ready)."""
+    r = subprocess.run(snakemake_cmd(repo_dir, "-n", "-F", "--cores", "2"), cwd=repo_dir, capture_output=True,
+                       text=True, env=lrf_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs, cur = [], None
+    for line in r.stdout.splitlines():
+        if line.startswith("rule ") or line.startswith("localrule "):
+            cur = {"rule": line.split()[-1].rstrip(":"), "priority": 0, "threads": 1, "wildcards": ""}
+            jobs.append(cur)
+        elif cur is not None and line.strip().startswith(("priority:", "threads:", "wildcards:")):
+            k, v = line.strip().split(":", 1)
+            cur[k] = v.strip() if k == "wildcards" else int(v)
+    by = lambda rule: [j for j in jobs if j["rule"] == rule]  # noqa: E731
+    assert by("stage1") and all(j["priority"] == 50 for j in by("stage1") + by("stage3"))
+    for j in by("fit_field") + by("encode"):
+        critical = "field=enc" in j["wildcards"] or "variant=taef2-enc" in j["wildcards"]
+        assert j["priority"] == (50 if critical else 0), j
+    assert all(j["priority"] == 50 for j in by("sfm") + by("correspondences"))
+    assert all(j["priority"] == 0 for j in by("evaluate"))
+    assert max(j["threads"] for j in jobs) == 1, [j for j in jobs if j["threads"] > 1]
