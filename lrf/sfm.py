@@ -140,6 +140,16 @@ def triangulate_given(scene: Scene, work: Path, matcher: str, threads: int, max_
     return out, rec, t, used
 
 
+def check_heldout_registered(scene: Scene, names: list[str], registered: set[str], where: Path) -> None:
+    """Fail at SfM, not at evaluation, when mapping dropped every held-out view: the scene
+    could be fitted but never scored. names[i] is the image file of scene.cameras[i]."""
+    test = [n for cam, n in zip(scene.cameras, names) if cam.split == "test"]
+    if test and not any(n in registered for n in test):
+        raise SceneError(scene.key, where, f"SfM registered none of the {len(test)} held-out views "
+                                           f"({', '.join(test[:4])}{', ...' if len(test) > 4 else ''}); "
+                                           "nothing to evaluate")
+
+
 def map_unknown(scene: Scene, work: Path, matcher: str, threads: int, max_features: int, seed: int,
                 min_registered: float):
     """Incremental mapping; returns a scene whose cameras are the registered images."""
@@ -162,6 +172,7 @@ def map_unknown(scene: Scene, work: Path, matcher: str, threads: int, max_featur
         raise SceneError(scene.key, image_dir, f"SfM registered only {n_reg} of {len(names)} images "
                                                f"(need at least {min_registered:.0%})")
     reg = {rec.image(i).name: i for i in rec.reg_image_ids()}
+    check_heldout_registered(scene, names, set(reg), image_dir)
     missing = [n for n in names if n not in reg]
     if missing:
         log.warning("%s: %s: %d images not registered, dropped: %s", scene.key, image_dir, len(missing),

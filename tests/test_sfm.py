@@ -235,3 +235,18 @@ def test_correspondences_handmade_tracks():
         corr.mine(scene, min_track=4)
     with pytest.raises(SceneError, match="scene has no SfM tracks"):
         corr.mine(Scene("hand", "made", scene.cameras, None, None))
+
+
+def test_sfm_that_drops_every_heldout_view_fails_at_sfm():
+    """A mapping that registers the training views but none of the held-out ones could be
+    fitted and never scored: it fails at the SfM step with one line naming the views."""
+    from lrf.sfm import check_heldout_registered
+
+    scene = _handmade_scene()                       # c2.png is the test view
+    names = [c.name for c in scene.cameras]
+    check_heldout_registered(scene, names, {"c0.png", "c1.png", "c2.png"}, "imgs")
+    check_heldout_registered(scene, names, {"c0.png", "c2.png"}, "imgs")     # a train view lost: fine
+    with pytest.raises(SceneError) as e:
+        check_heldout_registered(scene, names, {"c0.png", "c1.png"}, "imgs")
+    msg = str(e.value)
+    assert "none of the 1 held-out views (c2.png)" in msg and "imgs" in msg and "\n" not in msg
