@@ -86,8 +86,15 @@ def ordered_methods(methods) -> list[str]:
     return [m for m in METHOD_ORDER if m in methods] + [m for m in methods if m not in METHOD_ORDER]
 
 
+def measured(runs: list["Run"]) -> tuple[str, ...]:
+    """The quality metrics some successful run has (LPIPS-vgg is optional in the config): a
+    metric nobody computed gets no column, rather than a column of failures."""
+    ok = [r for r in runs if r.status == "ok"]
+    return tuple(m for m in QUALITY if any(r.mean(m) is not None for r in ok)) or QUALITY
+
+
 def split_of(key: str, protocol: dict | None) -> str:
-    if not protocol:
+    if not protocol or not (protocol.get("tune") or protocol.get("eval")):
         return "-"
     return "in-domain" if key in set(protocol.get("tune") or []) else "cross-dataset"
 
@@ -268,7 +275,7 @@ def _best(values: dict[str, float | None], metric: str, exclude=("vae-ceiling",)
 def scene_tables(runs: list[Run], scenes: list[str], methods: list[str]) -> list[Table]:
     by = {(r.key, r.method): r for r in runs}
     tables = []
-    for metric in QUALITY:
+    for metric in measured(runs):
         rows = []
         for key in scenes:
             vals = {m: by[key, m].mean(metric) if by[key, m].status == "ok" else None for m in methods}
@@ -303,7 +310,7 @@ def group_tables(runs: list[Run], methods: list[str], group: str) -> list[Table]
     attr = "dataset" if group == "dataset" else "split"
     groups = list(dict.fromkeys(getattr(r, attr) for r in runs))
     tables = []
-    for metric in QUALITY:
+    for metric in measured(runs):
         rows = []
         for g in groups:
             vals = {}
@@ -330,12 +337,13 @@ def group_tables(runs: list[Run], methods: list[str], group: str) -> list[Table]
 def overall_table(runs: list[Run], methods: list[str], summary: dict) -> Table:
     """One row per method: the means over all successful scenes, and the paired PSNR gap to vanilla."""
     splits = [sp for sp in ("in-domain", "cross-dataset") if any(r.split == sp for r in runs)]
-    header = ["method"] + [LABEL[m] for m in QUALITY] + ["ΔPSNR vs vanilla"] + [f"PSNR {sp}" for sp in splits]
+    quality = measured(runs)
+    header = ["method"] + [LABEL[m] for m in quality] + ["ΔPSNR vs vanilla"] + [f"PSNR {sp}" for sp in splits]
     rows = []
     for m in methods:
         rs = [r for r in runs if r.method == m]
         cells = [(m, "")]
-        for metric in QUALITY:
+        for metric in quality:
             v = [x for x in (r.mean(metric) for r in rs if r.status == "ok") if x is not None]
             cells.append((_ms_text(metric, v, len(rs)), "" if len(v) == len(rs) else ("partial" if v else "fail")))
         g = summary.get(f"gap/{m}-vanilla")
@@ -524,9 +532,10 @@ def figure_metrics(runs: list[Run], methods: list[str]) -> bytes | None:
     plt = _plt()
     datasets = list(dict.fromkeys(r.dataset for r in runs))
     colors = method_colors(methods)
-    fig, axes = plt.subplots(1, len(QUALITY), figsize=(4.2 * len(QUALITY), 3.6), squeeze=False)
+    quality = measured(runs)
+    fig, axes = plt.subplots(1, len(quality), figsize=(4.2 * len(quality), 3.6), squeeze=False)
     width = 0.8 / max(len(methods), 1)
-    for ax, metric in zip(axes[0], QUALITY):
+    for ax, metric in zip(axes[0], quality):
         for j, m in enumerate(methods):
             mean, std, short = [], [], []
             for d in datasets:
@@ -1003,7 +1012,7 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
     rep.tables["failures"] = [failure_table(runs)]
     rep.tables["overall"] = [overall_table(runs, methods, rep.summary)]
     rep.tables["dataset"] = group_tables(runs, methods, "dataset")
-    if protocol:
+    if any(r.split != "-" for r in runs):
         rep.tables["split"] = group_tables(runs, methods, "split")
     rep.tables["scene"] = scene_tables(runs, scenes, methods)
     rep.tables["cost"] = cost_tables(runs, scenes, methods)

@@ -284,3 +284,30 @@ def test_before_after_reading_is_defensive():
     # a metrics.json without "mean" still has means, from per_view
     r = Run("d", "s", "vanilla", "latent", "-", "ok", doc={"per_view": [{"psnr": 20.0}, {"psnr": 22.0}]})
     assert r.mean("psnr") == 21.0 and r.mean("ssim") is None
+
+
+def test_no_protocol_and_alex_only(tmp_path):
+    """A baselines-only run (empty protocol, LPIPS alex only, as the scale preset): no
+    in-domain/cross-dataset split is claimed and no LPIPS-vgg column of failures appears."""
+    results = tmp_path / "results"
+    for key in SCENES:
+        make_scene(results, key)
+        make_run(results, key, "vanilla")
+        for f in ("metrics.json", "timing.json"):
+            p = results / key / "eval" / "vanilla" / f
+            doc = json.loads(p.read_text())
+            doc["mean"].pop("lpips_vgg", None)
+            for r in doc["per_view"]:
+                r.pop("lpips_vgg", None)
+            p.write_text(json.dumps(doc))
+    cfg = {"scenes": SCENES, "methods": ["vanilla"], "protocol": {"tune": [], "eval": []}}
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "lrf.report", "--results", str(results), "--config-json",
+                           json.dumps(cfg), "--out", str(out)], cwd=REPO, env=lrf_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "tables.md").read_text()
+    assert "LPIPS-alex" in md and "LPIPS-vgg" not in md
+    assert "cross-dataset" not in md and "in-domain" not in md.split("## Per dataset")[0]
+    assert "**FAILED**" not in md and "**—**" not in md
+    assert {r["split"] for r in read_csv(out / "metrics.csv")} == {"-"}
