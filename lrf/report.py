@@ -857,7 +857,7 @@ def html_page(rep: Report, title: str) -> str:
            ("scene", "per scene"), ("cost", "cost"), ("stage1", "stage 1"), ("stage3", "stage 3"),
            ("curves", "training curves"), ("views", "test views")]
     parts.append("<p class='nav'>" + " · ".join(f"<a href='#{a}'>{e(t)}</a>" for a, t in nav
-                                                if a not in ("split",) or rep.protocol) + "</p>")
+                                                if a != "split" or "split" in rep.tables) + "</p>")
     parts.append(f"<p>{len(rep.scenes)} scenes × {len(rep.methods)} methods: "
                  f"{s['runs_ok']} runs ok, {s['runs_failed']} failed or missing "
                  f"(in {s['scenes_failed']} of {s['scenes_total']} scenes).</p>")

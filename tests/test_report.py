@@ -311,3 +311,5 @@ def test_no_protocol_and_alex_only(tmp_path):
     assert "cross-dataset" not in md and "in-domain" not in md.split("## Per dataset")[0]
     assert "**FAILED**" not in md and "**—**" not in md
     assert {r["split"] for r in read_csv(out / "metrics.csv")} == {"-"}
+    html = (out / "report.html").read_text()
+    assert "in-domain vs cross-dataset" not in html and "LPIPS-vgg" not in html
