@@ -119,6 +119,15 @@ def small_fern(data_dir, tmp_path_factory) -> Path:
     return base / "sfm" / "scene.json"
 
 
+def _stage_cmd(stage: str, shared_dir: Path, cfg: dict, *inputs):
+    """out -> the `python -m lrf.finetune.<stage>` command line of both SIGKILL tests."""
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", f"lrf.finetune.{stage}", "--vae", VAE_SPEC, "--weights-dir",
+                str(shared_dir / "weights"), *map(str, inputs), "--cfg", json.dumps(cfg), "--seed", "0",
+                "--threads", "1", "--out", str(out)]
+    return cmd
+
+
 def test_sigkill_during_stage1_then_rerun_is_exact(small_fern, tmp_path, shared_dir):
     """`python -m lrf.finetune.stage1` on real fern views and their SfM correspondences."""
     from lrf import correspondences as corr
@@ -130,11 +139,7 @@ def test_sigkill_during_stage1_then_rerun_is_exact(small_fern, tmp_path, shared_
     cfg = {"steps": 10, "crop": 48, "batch": 1, "w_lpips": 0.0, "corr_margin": 6, "checkpoint_every": 2,
            "log_every": 1}
 
-    def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "lrf.finetune.stage1", "--vae", VAE_SPEC, "--weights-dir",
-                str(shared_dir / "weights"), "--scene", str(scene_json), "--corr", str(tmp_path / "corr"),
-                "--cfg", json.dumps(cfg), "--seed", "0", "--threads", "1", "--out", str(out)]
-
+    cmd = _stage_cmd("stage1", shared_dir, cfg, "--scene", scene_json, "--corr", tmp_path / "corr")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "encoder.safetensors", lrf_env(shared_dir))
     assert "[stage1] resuming from step" in err, err[-2000:]
 
@@ -153,11 +158,7 @@ def test_sigkill_during_stage3_then_rerun_is_exact(small_fern, tmp_path, shared_
     cfg = {"steps": 10, "crop": 32, "batch": 2, "w_lpips": 0.0, "backend": "cpu", "checkpoint_every": 2,
            "log_every": 1}
 
-    def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "lrf.finetune.stage3", "--vae", VAE_SPEC, "--weights-dir",
-                str(shared_dir / "weights"), "--scene", str(scene_json), "--field", str(tmp_path / "field.safetensors"),
-                "--cfg", json.dumps(cfg), "--seed", "0", "--threads", "1", "--out", str(out)]
-
+    cmd = _stage_cmd("stage3", shared_dir, cfg, "--scene", scene_json, "--field", tmp_path / "field.safetensors")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "decoder.safetensors", lrf_env(shared_dir))
     assert "[stage3] resuming from step" in err, err[-2000:]
 
