@@ -21,7 +21,7 @@ def encode_scene(scene: Scene, vae, batch: int = 1) -> dict[str, torch.Tensor]:
     out = {}
     for i, cam in enumerate(scene.cameras):
         img = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
-        out[cam.name] = vae.encode(img)[0].float().contiguous()
+        out[cam.name] = vae.encode(img)[0].float().cpu().contiguous()
     return out
 
 
@@ -49,21 +49,26 @@ def main(argv=None) -> int:
     ap.add_argument("--scene", required=True, type=Path)
     ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder, decoder]")
     ap.add_argument("--weights-dir", required=True, type=Path)
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (cuda: a GPU job; fail without one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
+        from lrf.gpu import select
+
         torch.set_num_threads(args.threads)
         spec = json.loads(args.vae)
         scene = Scene.load(args.scene)
-        vae = load_vae(spec, args.weights_dir)
+        _, dev = select("auto", args.device, who=scene.key, renders=False)
+        vae = load_vae(spec, args.weights_dir, str(dev))
         t0 = time.perf_counter()
         lat = encode_scene(scene, vae)
         dt = time.perf_counter() - t0
         z = next(iter(lat.values()))
         save_latents(args.out, lat, {"vae": spec, "channels": int(z.shape[0]), "seconds": dt})
-        return f"{scene.key}: encoded {len(lat)} views to {tuple(z.shape)} latents with {spec['kind']} in {dt:.1f} s"
+        return (f"{scene.key}: encoded {len(lat)} views to {tuple(z.shape)} latents with {spec['kind']} "
+                f"on {dev.type} in {dt:.1f} s")
 
     return run_main(go)
 

@@ -62,21 +62,29 @@ def main(argv=None) -> int:
     ap.add_argument("--downscale", type=int, default=1, help="RGB fields: fit at 1/k of the working resolution")
     ap.add_argument("--init", default="points", choices=["points", "random"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default=None, help="rasterizer (lrf.gpu): auto | cpu | gsplat (default: --cfg's, auto)")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (cuda: a GPU job; fail without one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
         from lrf.field import fit_field
+        from lrf.gpu import select
 
         torch.set_num_threads(args.threads)
         kind = args.targets[0]
         scene = Scene.load(args.scene)
+        over = json.loads(args.cfg)
+        over.update({k: v for k, v in (("backend", args.backend), ("device", args.device)) if v is not None})
+        backend, dev = select(over.get("backend", "auto"), over.get("device", "auto"), who=scene.key)
+        over.update(backend=backend, device=str(dev))  # resolved once, before any work
         targets = build_targets(scene, kind, Path(args.targets[1]) if kind == "latents" else None, args.downscale)
-        cfg = field_config(json.loads(args.cfg), rgb=(kind == "rgb"), seed=args.seed)
+        cfg = field_config(over, rgb=(kind == "rgb"), seed=args.seed)
         res = fit_field(scene, targets, cfg, args.out, init=args.init, progress=True)
         return (f"{scene.key}: fitted {kind} field, {res.field.num_gaussians} Gaussians, {res.steps} steps, "
-                f"loss {res.initial_loss} -> {res.final_loss}, {res.seconds:.0f} s")
+                f"loss {res.initial_loss} -> {res.final_loss}, {res.seconds:.0f} s "
+                f"({res.steps / max(res.seconds, 1e-9):.1f} it/s on {dev.type} with {backend})")
 
     return run_main(go)
 

@@ -17,6 +17,10 @@ def load_vae(spec: dict, weights_dir: str | Path, device: str = "cpu"):
     """Build the autoencoder; swap in fine-tuned encoder/decoder weights (safetensors) if given."""
     from lrf.vae import WeightsError, build_autoencoder
 
+    if str(device).startswith("cuda"):  # a GPU step without a GPU: one line, not a traceback or a CPU run
+        from lrf.gpu import select
+
+        select("cpu", str(device), who=f"vae {spec['kind']}", renders=False)
     vae = build_autoencoder(spec["kind"], resolve_source(spec["source"], weights_dir), device=device)
     for part in ("encoder", "decoder"):
         path = spec.get(part)

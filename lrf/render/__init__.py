@@ -7,21 +7,24 @@ code is identical on a laptop CPU and on a CUDA box:
   that PyTorch runs on, tuned for CPU);
 * ``"reference"``: dense brute force, ground truth for tests;
 * ``"gsplat"``: ``gsplat.rasterization`` (CUDA only, imported lazily);
-* ``"auto"``: gsplat for CUDA tensors (falls back to ``"cpu"`` with a warning
-  if gsplat is not installed), ``"cpu"`` otherwise.
+* ``"auto"``: gsplat for CUDA tensors, ``"cpu"`` otherwise.  On CUDA there is no
+  silent fallback: if gsplat cannot load its kernels, :class:`GsplatError` says why
+  (the pure-PyTorch rasterizer on a GPU is ~100x slower; ask for it with ``"cpu"``).
+
+CPU tensors never import gsplat (not even its Python parts).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .gsplat_backend import GsplatError  # light: imports no gsplat
 from .project import project_gaussians
 
-__all__ = ["RenderOutput", "rasterize", "BACKENDS"]
+__all__ = ["RenderOutput", "rasterize", "BACKENDS", "GsplatError"]
 
 BACKENDS = ("auto", "cpu", "reference", "gsplat")
 
@@ -42,14 +45,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type != "cuda":
         return "cpu"
-    from .gsplat_backend import gsplat_available
+    from .gsplat_backend import gsplat_problem
 
-    if gsplat_available():
-        return "gsplat"
-    warnings.warn("gsplat is not installed; rendering CUDA tensors with the pure-PyTorch "
-                  "'cpu' backend (slow). `pip install gsplat` for the CUDA rasterizer.",
-                  stacklevel=3)
-    return "cpu"
+    problem = gsplat_problem(device)
+    if problem:
+        raise GsplatError(problem)
+    return "gsplat"
 
 
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,

@@ -20,18 +20,91 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from lrf.cli import InputError
+
+
+class GsplatError(InputError):
+    """gsplat is required (CUDA tensors, backend auto or gsplat) but cannot be used.
+
+    The message starts with ``gsplat: `` and fits one line; steps prefix the scene, so a run
+    prints ``ERROR <dataset>/<scene>: gsplat: <reason>``.
+    """
+
 
 def gsplat_available() -> bool:
+    """Whether the package is installed (does not import it)."""
     return importlib.util.find_spec("gsplat") is not None
 
 
-def _import_gsplat():
-    try:
-        import gsplat  # noqa: PLC0415
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise ImportError(
-            "backend='gsplat' needs the gsplat package (CUDA): `pip install gsplat`; "
-            "use backend='cpu' on machines without it") from e
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+_PROBLEMS: dict[str, str | None] = {}
+
+
+def gsplat_problem(device: torch.device | str = "cuda") -> str | None:
+    """None when gsplat renders on `device`, else one line ``gsplat: <reason>``.
+
+    Imports gsplat, makes it build or load its CUDA kernels (the first call on a machine
+    compiles them: minutes) and renders one Gaussian; the answer is cached per device.
+    """
+    device = torch.device(device)
+    key = str(device)
+    if key in _PROBLEMS:
+        return _PROBLEMS[key]
+    problem = None
+    if device.type != "cuda":
+        problem = f"gsplat: renders CUDA tensors only, not {key}"
+    elif not torch.cuda.is_available():
+        problem = "gsplat: no CUDA device is visible to this process"
+    else:
+        try:
+            import gsplat  # noqa: F401, PLC0415
+        except Exception as e:  # noqa: BLE001 - any failure to import is the reason
+            problem = f"gsplat: cannot import it ({_one_line(e)}); pip install -e . installs the pinned version"
+        else:
+            try:
+                from gsplat.cuda._backend import _C  # noqa: PLC0415 - builds or loads the kernels
+            except Exception as e:  # noqa: BLE001
+                problem = f"gsplat: cannot build or load its CUDA kernels ({_one_line(e)})"
+            else:
+                if _C is None:
+                    problem = ("gsplat: no CUDA kernels: it found no CUDA toolkit (nvcc) to build them; "
+                               "install one matching torch's CUDA or set CUDA_HOME")
+                else:
+                    try:
+                        _smoke(device)
+                    except Exception as e:  # noqa: BLE001
+                        problem = f"gsplat: its CUDA kernels fail on {torch.cuda.get_device_name(device)} ({_one_line(e)})"
+    _PROBLEMS[key] = problem
+    return problem
+
+
+def _smoke(device: torch.device) -> None:
+    """Render one Gaussian with gsplat and backpropagate (exercises forward and backward kernels)."""
+    import gsplat  # noqa: PLC0415
+
+    means = torch.tensor([[0.0, 0.0, 2.0]], device=device, requires_grad=True)
+    colors, _, _ = gsplat.rasterization(
+        means=means, quats=torch.tensor([[1.0, 0, 0, 0]], device=device),
+        scales=torch.full((1, 3), 0.2, device=device), opacities=torch.tensor([0.9], device=device),
+        colors=torch.ones(1, 1, 4, device=device), viewmats=torch.eye(4, device=device)[None],
+        Ks=torch.tensor([[[8.0, 0, 8], [0, 8.0, 8], [0, 0, 1]]], device=device), width=16, height=16,
+        sh_degree=None)
+    colors.sum().backward()
+    torch.cuda.synchronize(device)
+    if not torch.isfinite(colors).all() or colors.max() <= 0:
+        raise RuntimeError("one Gaussian rendered as nothing")
+
+
+def _import_gsplat(device: torch.device):
+    problem = gsplat_problem(device)
+    if problem:
+        raise GsplatError(problem)
+    import gsplat  # noqa: PLC0415
+
     return gsplat
 
 
@@ -50,9 +123,9 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
                      background: Tensor, near: float, far: float):
     from . import RenderOutput
 
-    gsplat = _import_gsplat()
     if not means.is_cuda:
         raise ValueError("backend='gsplat' needs CUDA tensors; use backend='cpu'")
+    gsplat = _import_gsplat(means.device)
     C = features.shape[-1]
     colors, alphas, meta = gsplat.rasterization(
         means=means, quats=quats, scales=scales, opacities=opacities,
