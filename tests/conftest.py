@@ -261,3 +261,50 @@ def snakemake_run(shared_dir):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# --------------------------------------------------------------------------- a real browser
+CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader"]
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium (`.ci/run` installs it); Playwright's own browser download is not used."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium driven by Playwright (one per test module: the sync API owns an event
+    loop while it runs). Skipped where chromium or Playwright is missing, unless
+    LRF_REQUIRE_BROWSER is set (CI), where that is a failure."""
+    exe = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if exe is None or sync_playwright is None:
+        why = "chromium not found (apt-get install chromium)" if exe is None else "playwright not installed"
+        if os.environ.get("LRF_REQUIRE_BROWSER"):
+            pytest.fail(f"LRF_REQUIRE_BROWSER is set but {why}")
+        pytest.skip(why)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page (1000x700) whose console errors and uncaught exceptions collect in
+    `page.errors`."""
+    ctx = browser.new_context(viewport={"width": 1000, "height": 700})
+    pg = ctx.new_page()
+    pg.errors = []
+    pg.on("console", lambda m: pg.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(f"pageerror: {e}"))
+    yield pg
+    ctx.close()
