@@ -217,3 +217,27 @@ def test_sheet_schema_rejects(repo_dir, change, expected):
     with pytest.raises(WorkflowError) as ei:
         validate(row, str(repo_dir / "config/schemas/scenes.schema.yaml"))
     assert expected in ei.value.args[0], ei.value.args[0][:500]
+
+
+def test_report_in_a_browser(runs, page, tmp_path):
+    """The real run's report.html in headless chromium: no console errors, every <img> decoded
+    (non-zero natural size), every in-page link lands on an element, every relative link on a file."""
+    html = runs["real"].wf / "results" / "report" / "report.html"
+    assert html.exists(), runs["real"].out[-2000:]
+    page.goto(html.as_uri())
+    page.wait_for_load_state("load")
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    imgs = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth, e.naturalHeight])")
+    assert imgs, "the report shows no image"
+    bad = [i for i in imgs if not (i[1] and i[2] > 0 and i[3] > 0)]
+    assert not bad, bad
+    links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))")
+    for href in links:
+        if href.startswith("#"):
+            assert page.evaluate("id => !!(document.getElementById(id) || document.getElementsByName(id).length)",
+                                 href[1:]), f"in-page link {href} goes nowhere"
+        elif "://" not in href and not href.startswith(("mailto:", "data:")):
+            assert (html.parent / href.split("#")[0]).exists(), f"link {href} names no file"
+    assert page.errors == [], page.errors
+    print(f"report.html: {len(imgs)} images ({', '.join(f'{w}x{h}' for _, _, w, h in imgs)}), "
+          f"{len(links)} links resolved, no console errors; screenshot {tmp_path / 'report.png'}")
