@@ -286,11 +286,12 @@ def test_viewer_in_browser(viewer, page, tmp_path):
 
     # snap to the held-out view: photo, render and the PSNR lrf.evaluate reported
     page.get_by_role("button", name="Snap to held-out view").click()
-    text = page.get_by_text(re.compile(r"PSNR [\d.]+ dB")).inner_text(timeout=30_000)
+    text = page.get_by_text(re.compile(r"^vanilla on held-out view")).inner_text(timeout=30_000)
     page.screenshot(path=str(tmp_path / "4-snap.png"))
     m = re.search(r"view (\S+): PSNR ([\d.]+) dB \(evaluate: ([\d.]+) dB\)", text)
     assert m and m.group(1) == TEST_VIEW and m.group(2) == m.group(3), text
-    assert page.get_by_text("photo").count() >= 1 and page.get_by_text("render", exact=True).count() >= 1
+    assert page.get_by_text("photo", exact=True).count() == 1 and page.get_by_text("render: vanilla").count() == 1
+    assert "**dec**" not in text and page.get_by_text(re.compile(r"^dec on held-out view")).count() == 1
     print(f"snap: {text}")
     assert page.errors == [], page.errors
     print(f"screenshots in {tmp_path}")

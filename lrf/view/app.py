@@ -161,6 +161,7 @@ class Tab:
             blank = np.zeros((8, 8, 3), np.uint8)
             self.g_photo = gui.add_image(blank, label="photo", visible=False)
             self.g_render = gui.add_image(blank, label="render", visible=False)
+            self.g_render2 = gui.add_image(blank, label="render (compared)", visible=False)
 
         @self.g_scene.on_update
         def _(_):
@@ -226,25 +227,37 @@ class Tab:
 
     # -- held-out views
     def snap(self, name: str) -> None:
-        """Move the camera to a scene view; render it as lrf.evaluate does; show photo, render, PSNR."""
+        """Move the camera to a scene view; render it as lrf.evaluate does (each method shown);
+        show the photo, the renders and their PSNR."""
         from lrf.metrics import psnr
         import torch
 
         i, cam = self.ls.camera(name)
         self.set_camera(cam.w2c, vertical_fov(cam.K, cam.height))
-        m = self.ls.src.methods[self.g_method.value]
-        t0 = time.perf_counter()
-        pred = self.v.renderer.exact(m, cam)
+        methods = self.ls.src.methods
+        shown = [methods[self.g_method.value]]
+        if self.g_compare.value != "none":
+            shown.append(methods[self.g_compare.value])
         photo = self.ls.scene.load_image(i)
-        p = psnr(torch.from_numpy(pred).permute(2, 0, 1)[None], torch.from_numpy(photo).permute(2, 0, 1)[None])
-        ms = (time.perf_counter() - t0) * 1e3
-        ref = m.per_view_psnr().get(name)
         which = "held-out" if cam.split == "test" else "training"
-        note = f" (evaluate: {ref:.2f} dB)" if ref is not None else ""
-        self.g_psnr.content = f"**{m.name}** on {which} view `{name}`: PSNR **{p:.2f} dB**{note} · {ms:.0f} ms"
-        self.g_photo.image, self.g_render.image = to_uint8(photo), to_uint8(pred)
+        lines, preds, self.last_snap = [], [], []
+        for m in shown:
+            t0 = time.perf_counter()
+            pred = self.v.renderer.exact(m, cam)
+            p = psnr(torch.from_numpy(pred).permute(2, 0, 1)[None], torch.from_numpy(photo).permute(2, 0, 1)[None])
+            ms = (time.perf_counter() - t0) * 1e3
+            ref = m.per_view_psnr().get(name)
+            note = f" (evaluate: {ref:.2f} dB)" if ref is not None else ""
+            lines.append(f"**{m.name}** on {which} view `{name}`: PSNR **{p:.2f} dB**{note} · {ms:.0f} ms")
+            preds.append(pred)
+            self.last_snap.append({"view": name, "method": m.name, "psnr": p})
+        self.g_psnr.content = "\n\n".join(lines)
+        self.g_photo.image, self.g_render.image = to_uint8(photo), to_uint8(preds[0])
+        self.g_render.label = f"render: {shown[0].name}"
         self.g_photo.visible = self.g_render.visible = True
-        self.last_snap = {"view": name, "method": m.name, "psnr": p}
+        self.g_render2.visible = len(preds) > 1
+        if len(preds) > 1:
+            self.g_render2.image, self.g_render2.label = to_uint8(preds[1]), f"render: {shown[1].name}"
 
     # -- render loop
     def _on_camera(self, _camera) -> None:

@@ -161,11 +161,15 @@ def main(argv=None) -> int:
     from lrf.cli import run_main
 
     args = parse_args(argv)
-    if args.bench:
-        from lrf.view.bench import run_bench
+    try:
+        if args.bench:
+            from lrf.view.bench import run_bench
 
-        return run_main(lambda: run_bench(args))
-    return run_main(lambda: serve(args))
+            return run_main(lambda: run_bench(args))
+        return run_main(lambda: serve(args))
+    except KeyboardInterrupt:   # Ctrl-C before the server was up (loading): no traceback
+        print("lrf.view: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
