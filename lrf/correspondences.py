@@ -10,7 +10,7 @@ A scene that yields no correspondence at all (no SfM tracks, or none left after 
 fails this step with one line, `ERROR <dataset>/<scene>: <.../points.npz>: <reason>`, and writes
 nothing: empty tables would only move the failure to stage 1, further from its cause.
 
-    python -m lrf.correspondences --scene results/D/S/sfm/scene.json --out results/D/S/correspondences
+    python -m lrf.correspondences --scene results/D/S/prepared/scene.json --out results/D/S/correspondences
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Encode every image of a scene once and cache the latents (safetensors, one tensor per view).
 
-    python -m lrf.encode --scene results/D/S/sfm/scene.json --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
+    python -m lrf.encode --scene results/D/S/prepared/scene.json --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
         --weights-dir ../shared/weights --out results/D/S/latents/taef2.safetensors
 """
 from __future__ import annotations

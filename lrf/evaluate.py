@@ -26,6 +26,8 @@ from lrf.io import atomic_write_json
 from lrf.scene.images import save_png
 from lrf.scene.model import Scene
 
+TRAIN_VIEWS = 8  # training views scored per scene for the fit-vs-generalisation diagnosis
+
 
 def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
     """The background the field was fitted with (stored beside it), so renders match training."""
@@ -39,10 +41,54 @@ def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def predict(scene: Scene, i: int, kind: str, vae=None, field=None, background=None, backend: str = "auto",
+            rgb_downscale: int = 1) -> tuple[torch.Tensor, float | None]:
+    """([1,3,H,W] image in [0,1], render ms) of view i: the one way every method makes a picture."""
+    cam = scene.cameras[i]
+    t0 = time.perf_counter()
+    render_ms = None
+    if kind == "ceiling":
+        photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
+        pred = vae.decode(vae.encode(photo))
+    elif kind == "latent":
+        K = cam.K.copy()
+        K[:2] *= 1.0 / vae.downscale
+        out = field.render(cam.w2c, K, cam.width // vae.downscale, cam.height // vae.downscale, background, backend)
+        render_ms = (time.perf_counter() - t0) * 1e3
+        pred = vae.decode(out.image.permute(2, 0, 1)[None])
+    elif kind == "rgb":
+        k = rgb_downscale
+        K = cam.K.copy()
+        K[:2] /= k
+        out = field.render(cam.w2c, K, cam.width // k, cam.height // k, background, backend)
+        render_ms = (time.perf_counter() - t0) * 1e3
+        pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
+        if k != 1:  # a field fitted at 1/k is scored at the photo's size, upsampled
+            pred = torch.nn.functional.interpolate(pred, size=(cam.height, cam.width), mode="bilinear",
+                                                   align_corners=False)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return pred.clamp(0, 1).float().cpu(), render_ms  # scored on the CPU, whatever rendered it
+
+
+def diagnosis_views(scene: Scene, n: int = TRAIN_VIEWS) -> list[int]:
+    """Up to n training views, evenly spread: where the field's FIT is measured (not generalisation)."""
+    train = scene.train
+    if len(train) <= n:
+        return list(train)
+    return [train[int(k)] for k in np.linspace(0, len(train) - 1, n).round()]
+
+
+@torch.no_grad()
 def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, background=None,
              lpips_nets: dict | None = None, backend: str = "auto", save_renders: bool = True,
              rgb_downscale: int = 1) -> tuple[dict, dict]:
-    """(metrics, timing): scores per test view and their means, and the wall-clock times apart."""
+    """(metrics, timing): scores per test view and their means, and the wall-clock times apart.
+
+    metrics["train"] scores a few TRAINING views the same way (PSNR, SSIM): a field that is poor
+    there does not fit what it was given; one good there but poor on held-out views does not
+    generalise. The report puts the two side by side per scene.
+    """
     from lrf.metrics import psnr, ssim
 
     out_dir = Path(out_dir)
@@ -51,38 +97,23 @@ def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, backg
         cam = scene.cameras[i]
         photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
         t0 = time.perf_counter()
-        if kind == "ceiling":
-            pred = vae.decode(vae.encode(photo))
-        elif kind == "latent":
-            s = 1.0 / vae.downscale
-            K = cam.K.copy()
-            K[:2] *= s
-            out = field.render(cam.w2c, K, cam.width // vae.downscale, cam.height // vae.downscale, background, backend)
-            render_ms = (time.perf_counter() - t0) * 1e3
-            pred = vae.decode(out.image.permute(2, 0, 1)[None])
-        elif kind == "rgb":
-            k = rgb_downscale
-            K = cam.K.copy()
-            K[:2] /= k
-            out = field.render(cam.w2c, K, cam.width // k, cam.height // k, background, backend)
-            render_ms = (time.perf_counter() - t0) * 1e3
-            pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
-            if k != 1:  # a field fitted at 1/k is scored at the photo's size, upsampled
-                pred = torch.nn.functional.interpolate(pred, size=(cam.height, cam.width), mode="bilinear",
-                                                       align_corners=False)
-        else:
-            raise ValueError(f"unknown kind {kind!r}")
+        pred, render_ms = predict(scene, i, kind, vae, field, background, backend, rgb_downscale)
         total_ms = (time.perf_counter() - t0) * 1e3
-        pred = pred.clamp(0, 1).float()
         row = {"view": cam.name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo)}
-        times.append({"view": cam.name, "render_ms": None if kind == "ceiling" else render_ms, "total_ms": total_ms})
+        times.append({"view": cam.name, "render_ms": render_ms, "total_ms": total_ms})
         for net, model in (lpips_nets or {}).items():
             row[f"lpips_{net}"] = float(model(pred, photo).mean())
         views.append(row)
         if save_renders:
             save_png(out_dir / "renders" / (Path(cam.name.replace("/", "__")).stem + ".png"),
                      pred[0].permute(1, 2, 0).numpy())
-    metrics = {"scene": scene.key, "views": len(views), "mean": _means(views), "per_view": views}
+    train_rows = []
+    for i in diagnosis_views(scene):
+        photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
+        pred, _ = predict(scene, i, kind, vae, field, background, backend, rgb_downscale)
+        train_rows.append({"view": scene.cameras[i].name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo)})
+    metrics = {"scene": scene.key, "views": len(views), "mean": _means(views), "per_view": views,
+               "train": {"views": len(train_rows), "mean": _means(train_rows), "per_view": train_rows}}
     timing = {"scene": scene.key, "views": len(times), "mean": _means(times), "per_view": times}
     return metrics, timing
 

@@ -1,6 +1,6 @@
 """Fit one field for one scene: latent targets (from the encode cache) or RGB photos.
 
-    python -m lrf.fit --scene results/D/S/sfm/scene.json --targets latents results/D/S/latents/taef2.safetensors \
+    python -m lrf.fit --scene results/D/S/prepared/scene.json --targets latents results/D/S/latents/taef2.safetensors \
         --cfg '{"iterations": 2000}' --out results/D/S/fields/vanilla
     python -m lrf.fit --scene ... --targets rgb --cfg '{...}' --out results/D/S/fields/rgb-3dgs
 """

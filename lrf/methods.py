@@ -6,6 +6,8 @@ from __future__ import annotations
 
 # kind: latent (a field of VAE latents), rgb (a colour field), ceiling (no field)
 # encoder / decoder: "pretrained", or "tuned" (stage 1 encoder / stage 3 decoder)
+# per_scene: the field and a copy of the decoder are then refined on this scene's training
+#   photos (lrf.align), starting from the method named by `base`.
 METHODS = {
     "vae-ceiling": {"kind": "ceiling", "encoder": "pretrained", "decoder": "pretrained"},
     "vanilla": {"kind": "latent", "encoder": "pretrained", "decoder": "pretrained"},
@@ -13,7 +15,14 @@ METHODS = {
     "enc": {"kind": "latent", "encoder": "tuned", "decoder": "pretrained"},
     "dec": {"kind": "latent", "encoder": "pretrained", "decoder": "tuned"},
     "full": {"kind": "latent", "encoder": "tuned", "decoder": "tuned"},
+    "vanilla-ps": {"kind": "latent", "encoder": "pretrained", "decoder": "pretrained", "per_scene": True,
+                   "base": "vanilla"},
+    "full-ps": {"kind": "latent", "encoder": "tuned", "decoder": "tuned", "per_scene": True, "base": "full"},
 }
+
+
+def per_scene(method: str) -> bool:
+    return bool(METHODS[method].get("per_scene"))
 
 
 def latent_variant(vae_name: str, method: str) -> str:
@@ -22,7 +31,8 @@ def latent_variant(vae_name: str, method: str) -> str:
 
 
 def field_name(method: str) -> str:
-    """Fields depend only on the latents: `dec` reuses `vanilla`'s field, `full` reuses `enc`'s."""
+    """The fitted field a method starts from: `dec` reuses `vanilla`'s field, `full` `enc`'s,
+    and a per-scene method its base's (then refines a copy of it)."""
     m = METHODS[method]
     if m["kind"] == "rgb":
         return "rgb-3dgs"

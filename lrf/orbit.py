@@ -1,6 +1,6 @@
 """Render a fitted field along an orbit of novel views, decode latents, write an animation.
 
-    python -m lrf.orbit --scene results/D/S/sfm/scene.json --field results/D/S/fields/vanilla/field.safetensors \
+    python -m lrf.orbit --scene results/D/S/prepared/scene.json --field results/D/S/fields/vanilla/field.safetensors \
         --kind latent --vae '{...}' --weights-dir W --frames 48 --out results/D/S/orbit/vanilla.webp
 """
 from __future__ import annotations

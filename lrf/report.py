@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from lrf.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-from lrf.methods import METHODS, field_name, latent_variant
+from lrf.methods import METHODS, field_name, latent_variant, per_scene
 
 QUALITY = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TIMING = ("render_ms", "total_ms")
 LABEL = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_alex": "LPIPS-alex ↓", "lpips_vgg": "LPIPS-vgg ↓",
          "render_ms": "render ms", "total_ms": "render+decode ms", "fit_seconds": "fit s"}
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips_alex": False, "lpips_vgg": False}
-METHOD_ORDER = ("vae-ceiling", "rgb-3dgs", "vanilla", "enc", "dec", "full")
+METHOD_ORDER = ("vae-ceiling", "rgb-3dgs", "vanilla", "enc", "dec", "full", "vanilla-ps", "full-ps")
 GRID_METHODS = ("vanilla", "full", "rgb-3dgs")
 CSV_COLUMNS = ("dataset", "scene", "method", "kind", "view", "metric", "value", "status", "split", "error")
 
@@ -114,6 +114,8 @@ def candidate_logs(results: Path, dataset: str, scene: str, method: str, vae_nam
     logs = results / "logs"
     out = [logs / "evaluate" / dataset / scene / f"{method}.log"]
     kind = METHODS.get(method, {}).get("kind")
+    if method in METHODS and per_scene(method):
+        out.append(logs / "align" / dataset / scene / f"{method}.log")
     if method in METHODS and kind != "ceiling":
         out.append(logs / "fit_field" / dataset / scene / f"{field_name(method)}.log")
     if kind in ("latent", "ceiling"):
@@ -378,6 +380,56 @@ def cost_tables(runs: list[Run], scenes: list[str], methods: list[str]) -> list[
             if metric == "fit_seconds" else ""
         out.append(Table(title, ["scene"] + methods, rows, note))
     return out
+
+
+def diagnosis_table(runs: list[Run], scenes: list[str], methods: list[str]) -> Table:
+    """Fit or generalisation? Per scene and field method: the VAE ceiling (held-out), decoded
+    PSNR at training views (how well the field fits what it was given), held-out PSNR, and the
+    field's own loss (latent space for latent fields)."""
+    by = {(r.key, r.method): r for r in runs}
+    rows = []
+    for key in scenes:
+        ceil = by.get((key, "vae-ceiling"))
+        c = ceil.mean("psnr") if ceil is not None and ceil.status == "ok" else None
+        for m in methods:
+            r = by.get((key, m))
+            if r is None or METHODS.get(m, {}).get("kind") not in ("latent", "rgb") or r.status != "ok":
+                continue
+            tr = ((r.doc.get("train") or {}).get("mean") or {}).get("psnr")
+            te = r.mean("psnr")
+            loss = (r.doc.get("fit") or {}).get("final_loss")
+            tr = float(tr) if _is_num(tr) else None
+            verdict = ""
+            if tr is not None and te is not None and c is not None:
+                verdict = "fit" if (c - tr) >= (tr - te) else "generalisation"
+            rows.append([(key, ""), (m, ""), (fmt("psnr", c), ""), (fmt("psnr", tr), ""), (fmt("psnr", te), ""),
+                         (fmt("psnr", None if tr is None or te is None else tr - te), ""),
+                         (_num(loss) if _is_num(loss) else "—", ""), (verdict, "")]
+                        )
+    return Table("Fit or generalisation: decoded PSNR at training views vs held-out views",
+                 ["scene", "method", "VAE ceiling", "train-view PSNR", "held-out PSNR", "train - held-out",
+                  "field loss", "limited by"], rows,
+                 "training views: up to 8 evenly spread; 'limited by' compares (ceiling - train) with "
+                 "(train - held-out). field loss: the fit's final loss (latent fields: 0.8 L1 + 0.2 D-SSIM "
+                 "on normalised latents; per-scene methods repeat their base field's).")
+
+
+def sfm_table(results: Path, scenes: list[str], warnings: list[str]) -> Table:
+    """Per scene: how SfM did (registered of all images, points) and what stage 1 gets from it."""
+    rows = []
+    for key in scenes:
+        st = read_json(results / key / "sfm" / "stats.json", warnings)
+        if st is None:
+            continue
+        corr = read_json(results / key / "correspondences" / "summary.json", warnings)
+        reg, n = st.get("registered"), st.get("images")
+        size = st.get("image_size")
+        rows.append([(key, ""), (f"{reg} / {n}", "fail" if reg != n else ""),
+                     ("×".join(map(str, size)) if size else "—", ""), (str(st.get("points", "—")), ""),
+                     (str((corr or {}).get("matches", "—")), ""), (_num(st.get("total_s")) if _is_num(st.get("total_s")) else "—", "")])
+    return Table("Structure from motion per scene", ["scene", "registered / images", "SfM image size", "points",
+                                                     "correspondences", "SfM s"], rows,
+                 "registered below the image count: the unregistered photos are left out of the scene.")
 
 
 def failure_table(runs: list[Run]) -> Table:
@@ -854,10 +906,11 @@ def html_page(rep: Report, title: str) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
     nav = [("overall", "overall"), ("dataset", "per dataset"), ("split", "in-domain vs cross-dataset"),
-           ("scene", "per scene"), ("cost", "cost"), ("stage1", "stage 1"), ("stage3", "stage 3"),
+           ("scene", "per scene"), ("diagnosis", "fit or generalisation"), ("sfm", "SfM"), ("cost", "cost"),
+           ("stage1", "stage 1"), ("stage3", "stage 3"),
            ("curves", "training curves"), ("views", "test views")]
     parts.append("<p class='nav'>" + " · ".join(f"<a href='#{a}'>{e(t)}</a>" for a, t in nav
-                                                if a != "split" or "split" in rep.tables) + "</p>")
+                                                if a not in ("split", "sfm") or a in rep.tables) + "</p>")
     parts.append(f"<p>{len(rep.scenes)} scenes × {len(rep.methods)} methods: "
                  f"{s['runs_ok']} runs ok, {s['runs_failed']} failed or missing "
                  f"(in {s['scenes_failed']} of {s['scenes_total']} scenes).</p>")
@@ -870,7 +923,8 @@ def html_page(rep: Report, title: str) -> str:
         parts.append('<div class="okbox">All expected scene/method runs produced metrics.</div>')
     parts.append("<h2 id='overall'>Overall</h2>" + table_html(rep.tables["overall"][0]))
     sections = [("Per dataset (mean ± std over scenes)", "dataset"), ("In-domain vs cross-dataset", "split"),
-                ("Per scene", "scene"), ("Cost", "cost")]
+                ("Per scene", "scene"), ("Fit or generalisation", "diagnosis"), ("Structure from motion", "sfm"),
+                ("Cost", "cost")]
     for name, key in sections:
         if key in rep.tables and rep.tables[key]:
             parts.append(f"<h2 id='{key}'>{e(name)}</h2><div class='tables'>"
@@ -927,7 +981,8 @@ def _fig_html(caption: str, png: bytes) -> str:
 def tables_md(rep: Report) -> str:
     out = ["# lrf: tables", ""]
     for name, key in (("Failures", "failures"), ("Overall", "overall"), ("Per dataset", "dataset"), ("In-domain vs cross-dataset", "split"),
-                      ("Per scene", "scene"), ("Cost", "cost"), ("Stage 1: latent consistency", "stage1"),
+                      ("Per scene", "scene"), ("Fit or generalisation", "diagnosis"), ("Structure from motion", "sfm"),
+                      ("Cost", "cost"), ("Stage 1: latent consistency", "stage1"),
                       ("Stage 3: alignment", "stage3")):
         if rep.tables.get(key):
             out += [f"## {name}", ""] + [table_md(t) for t in rep.tables[key]]
@@ -946,6 +1001,7 @@ def summary_md(rep: Report, fig_files: dict[str, str], grid_files: dict[str, str
     for key in ("overall", "dataset", "split"):
         out += [table_md(t) for t in rep.tables.get(key) or []]
     out += [table_md(t) for t in (rep.tables.get("scene") or [])[:1]]
+    out += [table_md(t) for t in (rep.tables.get("diagnosis") or []) if t.rows]
     if rep.tables.get("stage1"):
         out += [table_md(rep.tables["stage1"][0])]
     if fig_files:
@@ -1016,6 +1072,10 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
         rep.tables["split"] = group_tables(runs, methods, "split")
     rep.tables["scene"] = scene_tables(runs, scenes, methods)
     rep.tables["cost"] = cost_tables(runs, scenes, methods)
+    rep.tables["diagnosis"] = [diagnosis_table(runs, scenes, methods)]
+    sfm = sfm_table(results, scenes, rep.warnings)
+    if sfm.rows:
+        rep.tables["sfm"] = [sfm]
 
     for name, cap, png in (
             ("metrics", "Metrics per method per dataset (mean ± std over scenes)", figure_metrics(runs, methods)),
@@ -1029,7 +1089,7 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
     for r in runs:
         by_scene.setdefault(r.key, {})[r.method] = r
     for key in scenes:
-        sj = results / key / "sfm" / "scene.json"
+        sj = results / key / "prepared" / "scene.json"
         if not sj.is_file():
             rep.grid_notes[key] = f"{sj} not found"
             continue

@@ -6,7 +6,11 @@ shared SIMPLE_RADIAL camera, undistortion to pinhole, and, where the loader had 
 similarity alignment onto them so the world frame stays the dataset's and pose errors can be
 reported (`pose_accuracy.json`; ground truth for Strecha, a reference elsewhere).
 
-    python -m lrf.sfm --scene results/D/S/prepared/scene.json --out results/D/S/sfm --poses given
+It runs on the images of `lrf.prepare --format ... --multiple 1` at `sfm.max_side`, not on the
+working images: poses and tracks come from the sharpest images available, and one SfM serves
+every working resolution (`lrf.prepare --scene` maps cameras and tracks onto it exactly).
+
+    python -m lrf.sfm --scene results/D/S/sfm/input/scene.json --out results/D/S/sfm --poses given
 """
 from __future__ import annotations
 
@@ -267,7 +271,7 @@ def run_sfm(scene: Scene, out_dir: Path, poses: str = "given", matcher: str = "a
         result, rec, times, used = map_unknown(scene, work, matcher, threads, max_features, seed, min_registered)
         if any(c.distortion for c in result.cameras):
             t0 = time.perf_counter()
-            result = prepare_scene(result, out_dir / "undistorted")
+            result = prepare_scene(result, out_dir / "undistorted", multiple=1)  # SfM resolution, no crop
             times["undistort_s"] = time.perf_counter() - t0
         if not scene.meta.get("poses_unknown"):
             ref_by = {c.name: c for c in scene.cameras}
@@ -281,7 +285,9 @@ def run_sfm(scene: Scene, out_dir: Path, poses: str = "given", matcher: str = "a
         raise SceneError(scene.key, work / "database.db", "SfM produced no 3D points")
     pts = result.points
     obs_err = reprojection_errors(result)
+    c0 = scene.cameras[0]
     stats = {"scene": scene.key, "poses": poses, "matcher": used, "images": len(scene.cameras),
+             "image_size": [c0.width, c0.height],
              "registered": len(result.cameras), "points": int(len(pts)), "observations": int(len(pts.track_point)),
              "mean_track_length": float(len(pts.track_point) / max(len(pts), 1)),
              "mean_reprojection_error_px": float(obs_err.mean()) if len(obs_err) else float("nan"),

@@ -448,7 +448,7 @@ FERN = REPO / "results" / "llff" / "fern"
 
 def fern_subset(tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScene:
     """A few fern views at reduced size (pixel coords scale exactly with corner-origin pixels)."""
-    cs = load_corr_scene(FERN / "sfm" / "scene.json", FERN / "correspondences")
+    cs = load_corr_scene(FERN / "prepared" / "scene.json", FERN / "correspondences")
     tmp.mkdir(parents=True, exist_ok=True)
     cams = []
     for i in keep:

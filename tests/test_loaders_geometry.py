@@ -148,3 +148,53 @@ def test_nerf_opengl_to_opencv(data_dir):
     uv, z = cam.project(np.zeros((1, 3)))
     assert z[0] > 0 and np.linalg.norm(uv[0] - [200, 200]) < 40
     assert cam.K[0, 0] == pytest.approx(0.5 * 400 / np.tan(0.5 * doc["camera_angle_x"]))
+
+
+def _sample(img: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear colour at continuous pixel coordinates (pixel (i, j) centred at (j+.5, i+.5))."""
+    from scipy.ndimage import map_coordinates
+
+    return np.stack([map_coordinates(img[..., c], [xy[:, 1] - 0.5, xy[:, 0] - 0.5], order=1, mode="nearest")
+                     for c in range(3)], -1)
+
+
+@pytest.mark.parametrize("key", ["fern", "fox"])
+def test_working_images_from_sfm_images_keep_the_geometry(key, given_runs, tmp_path):
+    """SfM runs at one resolution, the fields at another: prepare maps cameras and track pixels
+    exactly. Every SfM point reprojects through the working cameras onto its mapped track pixel
+    with the SfM-resolution error times the scale (not a pixel more), and the working image shows
+    there the colour the SfM image shows at the original pixel; the same check with the crop
+    offset or a half-pixel left out fails."""
+    from scipy.ndimage import gaussian_filter
+
+    from lrf.scene.prepare import prepare_scene
+    from lrf.sfm import reprojection_errors
+
+    run = given_runs(key)
+    sfm = run.result
+    big = sfm.cameras[0]
+    work = prepare_scene(sfm, tmp_path / "prepared", max_side=int(max(big.width, big.height) * 0.55))
+    small = work.cameras[0]
+    assert small.width % 8 == 0 and small.height % 8 == 0
+    assert (small.width, small.height) != (big.width, big.height)
+    s = small.K[0, 0] / big.K[0, 0]
+    err_big, err_small = reprojection_errors(sfm), reprojection_errors(work)
+    np.testing.assert_allclose(err_small, err_big * s, rtol=0.02, atol=1e-6)
+
+    p_big, p_small = sfm.points, work.points
+    np.testing.assert_array_equal(p_big.track_image, p_small.track_image)
+    diffs = {"exact": [], "no crop offset": [], "half pixel": []}
+    for i in range(len(sfm.cameras)):
+        m = p_big.track_image == i
+        a = gaussian_filter(sfm.load_image(i), sigma=(1.0 / s, 1.0 / s, 0))  # match the downsampling's blur
+        b = gaussian_filter(work.load_image(i), sigma=(1.0, 1.0, 0))
+        ref = _sample(a, p_big.track_xy[m])
+        xy = p_small.track_xy[m]
+        left_top = np.array([work.cameras[i].K[0, 2] - s * sfm.cameras[i].K[0, 2],
+                             work.cameras[i].K[1, 2] - s * sfm.cameras[i].K[1, 2]])
+        diffs["exact"].append(np.abs(_sample(b, xy) - ref).mean())
+        diffs["no crop offset"].append(np.abs(_sample(b, xy - left_top) - ref).mean())
+        diffs["half pixel"].append(np.abs(_sample(b, xy + 0.5) - ref).mean())
+    d = {k: float(np.mean(v)) for k, v in diffs.items()}
+    assert d["exact"] < 0.03, d
+    assert d["exact"] < 0.8 * min(d["no crop offset"], d["half pixel"]), d

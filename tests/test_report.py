@@ -57,7 +57,7 @@ def make_scene(results: Path, key: str) -> None:
         w2c = np.eye(4)
         w2c[0, 3] = 0.1 * i
         cams.append(Camera(v, str(img_dir / v), 16, 16, K, w2c, "test"))
-    Scene(dataset, name, cams, root=results / key).save(results / key / "sfm" / "scene.json")
+    Scene(dataset, name, cams, root=results / key).save(results / key / "prepared" / "scene.json")
 
 
 TIMING = ("render_ms", "total_ms")

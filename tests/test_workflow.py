@@ -76,7 +76,8 @@ def test_good_scene_completes_bad_scene_fails(runs):
     r = runs["real"]
     assert r.rc != 0, r.out[-3000:]  # --keep-going: the bad scene fails the run, the good one finishes
     res = r.wf / "results" / "llff"
-    for f in ("prepared/scene.json", "sfm/scene.json", "sfm/points.npz", "sfm/stats.json",
+    for f in ("sfm/input/scene.json", "prepared/scene.json", "prepared/points.npz", "sfm/scene.json",
+              "sfm/points.npz", "sfm/stats.json",
               "correspondences/matches.parquet", "correspondences/pairs.parquet", "correspondences/summary.json"):
         assert (res / "fern" / f).exists(), f
     stats = json.loads((res / "fern/sfm/stats.json").read_text())
@@ -90,8 +91,13 @@ def test_good_scene_completes_bad_scene_fails(runs):
     assert [(c["width"], c["height"]) for c in prepared["cameras"]] == [(192, 144)] * 6
     assert sum(c["split"] == "test" for c in prepared["cameras"]) == 1
 
-    assert not (res / "badfern" / "prepared" / "scene.json").exists()
-    assert not (res / "badfern" / "sfm").exists()
+    # SfM runs on the photos at sfm.max_side (fern's 504x378 as they are), the fields at 192 px
+    sfm_scene = json.loads((res / "fern/sfm/scene.json").read_text())
+    assert [(c["width"], c["height"]) for c in sfm_scene["cameras"]] == [(504, 378)] * 6
+    assert stats["image_size"] == [504, 378]
+
+    for f in ("sfm/input/scene.json", "sfm/scene.json", "prepared/scene.json"):
+        assert not (res / "badfern" / f).exists(), f
 
 
 def test_bad_scene_error_is_one_line(runs):
@@ -126,21 +132,42 @@ def test_report_marks_the_failed_scene(runs):
 
 def test_logs_are_written(runs):
     logs = runs["real"].wf / "results" / "logs"
-    for step in ("prepare", "sfm", "correspondences"):
+    for step in ("sfm_input", "sfm", "prepare", "correspondences"):
         text = (logs / step / "llff" / "fern.log").read_text()
         assert "llff/fern" in text and "ERROR" not in text
-    bad_log = (logs / "prepare" / "llff" / "badfern.log").read_text()
+    bad_log = (logs / "sfm_input" / "llff" / "badfern.log").read_text()
     assert f"ERROR llff/badfern: {runs['bad_image']}" in bad_log
 
 
 def test_dry_run_lists_the_rules(runs):
     r = runs["dry"]
     assert r.rc == 0, r.out[-3000:]
-    for rule in ("prepare", "sfm", "correspondences"):
+    for rule in ("sfm_input", "sfm", "prepare", "correspondences"):
         assert f"rule {rule}:" in r.out
     assert "results/llff/fern/correspondences/summary.json" in r.out
     assert "results/llff/fern/sfm/stats.json" in r.out
     assert not (r.wf / "results").exists()  # a dry run writes nothing
+
+
+def test_working_resolution_change_reuses_sfm(runs):
+    """One SfM per scene: a new max_side in the scene sheet reruns `prepare` and what follows,
+    never SfM or its input (their params do not include the working resolution)."""
+    wf = runs["real"].wf
+    sheet = wf / "config" / "test_scenes.tsv"
+    text = sheet.read_text()
+    sheet.write_text(text.replace("\t192\t", "\t128\t"))
+    try:
+        r = subprocess.run(snakemake_cmd(wf, "-n", "--cores", "1", "results/llff/fern/correspondences/summary.json"),
+                           cwd=wf, env=lrf_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        sheet.write_text(text)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "rule prepare:" in r.stdout and "rule correspondences:" in r.stdout, r.stdout[-2000:]
+    assert "rule sfm:" not in r.stdout and "rule sfm_input:" not in r.stdout, r.stdout[-3000:]
+    # and the unchanged sheet needs nothing at all
+    r = subprocess.run(snakemake_cmd(wf, "-n", "--cores", "1", "results/llff/fern/correspondences/summary.json"),
+                       cwd=wf, env=lrf_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-2000:]
 
 
 @pytest.mark.parametrize("case,expected", [

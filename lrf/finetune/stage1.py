@@ -36,7 +36,7 @@ before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test v
 
     python -m lrf.finetune.stage1 --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
         --weights-dir ../shared/weights \
-        --scene results/llff/fern/sfm/scene.json --corr results/llff/fern/correspondences \
+        --scene results/llff/fern/prepared/scene.json --corr results/llff/fern/correspondences \
         [--scene S2/scene.json --corr S2/correspondences ...] \
         [--measure-scene X/scene.json --measure-corr X/correspondences ...] \
         --cfg '{"steps": 2000}' --out results/vae/taef2/stage1

@@ -3,11 +3,14 @@
 Latents RENDERED by a fitted latent field are blurrier and slightly off-distribution compared
 with encoder outputs; the decoder learns to decode them into the photos anyway.
 
-Each alignment scene's field is rendered once at start (no grad) at ALL its views, training
-and held-out, as the authors did, at 1/8 resolution with K[:2] scaled by 1/8 (exact with
+Each alignment scene's field is rendered once at start (no grad) at its views, at 1/8
+resolution with K[:2] scaled by 1/8 (exact with
 corner-origin pixels) and the background the field was fitted with. Training samples latent
 crops aligned with photo crops (latent cell offset * 8 = pixel offset) and minimises
-L1 + w_lpips * LPIPS between decode(latent crop, clamp=False) and the photo crop.
+L1 + w_lpips * LPIPS between decode(latent crop, clamp=False) and the photo crop. Training
+reads TRAINING views only (the authors also trained on the held-out views of their tuning
+scenes; then in-domain numbers are scored on views the decoder has seen). Held-out views are
+rendered and decoded only to measure, before and after.
 
 A fraction `clean_fraction` (default 0.5) of the crops uses clean latents, encoder(photo),
 instead of rendered ones: the decoder must keep decoding clean latents (the VAE ceiling, and
@@ -17,8 +20,8 @@ alone it drifts away from them.
     python -m lrf.finetune.stage3 \
         --vae '{"kind":"taef2","source":"{weights}/taef2","encoder":"results/vae/taef2/stage1/encoder.safetensors"}' \
         --weights-dir ../shared/weights \
-        --scene S1/sfm/scene.json --field S1/fields/enc/field.safetensors [--scene ... --field ...] \
-        [--measure-scene X/sfm/scene.json --measure-field X/fields/enc/field.safetensors ...] \
+        --scene S1/prepared/scene.json --field S1/fields/enc/field.safetensors [--scene ... --field ...] \
+        [--measure-scene X/prepared/scene.json --measure-field X/fields/enc/field.safetensors ...] \
         --cfg '{"steps": 2000}' --out results/vae/taef2/stage3
 """
 from __future__ import annotations
@@ -39,7 +42,6 @@ from lrf.io import atomic_write_json
 from lrf.scene.model import Scene
 
 CURVE_COLUMNS = ("step", "loss", "l1", "lpips", "clean", "seconds")
-VIEWS = ("all", "train")
 
 
 @dataclass
@@ -49,7 +51,6 @@ class Stage3Config(TrainConfig):
     #                               21.34; lr 2e-5 + clean 0.5 -> 18.94 / 22.73 (in-domain clean
     #                               28.11 -> 27.81 instead of 25.59). One tuning scene drifts the
     #                               decoder; more and more varied scenes are the real remedy.
-    views: str = "all"            # train on "all" views (the authors' choice) or "train" only
     backend: str = "auto"         # rasteriser for the one-off renders
 
     RESUME_FREE = TrainConfig.RESUME_FREE | {"backend"}  # renders are pinned by their hash instead
@@ -58,8 +59,6 @@ class Stage3Config(TrainConfig):
         super().validate()
         if not 0.0 <= self.clean_fraction <= 1.0:
             raise InputError("Stage3Config: clean_fraction must be in [0, 1]")
-        if self.views not in VIEWS:
-            raise InputError(f"Stage3Config: views must be one of {', '.join(VIEWS)}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -198,7 +197,7 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
         a.field.to(dev)
     data = ViewData(list(align), vae, cfg.backend)
     mdata = ViewData(list(measure_scenes), vae, cfg.backend, test_only=True)
-    ids = [list(range(len(a.scene.cameras))) if cfg.views == "all" else list(a.scene.train) for a in align]
+    ids = [list(a.scene.train) for a in align]  # held-out photos never reach training
     if not any(ids):
         raise InputError("stage 3: no views to train on")
     fp = cfg.fingerprint()

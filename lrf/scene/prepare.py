@@ -1,7 +1,9 @@
-"""Make the working images: undistort to pinhole, resize, centre-crop to multiples of 8.
+"""Undistort to pinhole, resize, and (for working images) centre-crop to multiples of 8.
 
-Every later stage reads only these images, so the pinhole / multiple-of-8 assumptions of the
-VAE (one latent cell = 8x8 pixels) and of the rasterizer hold by construction.
+Used twice per scene: the dataset's photos -> SfM's images (at `sfm.max_side`, no crop), then
+SfM's scene -> the working images, with cameras and track pixels mapped exactly. Every later
+stage reads only the working images, so the pinhole / multiple-of-8 assumptions of the VAE
+(one latent cell = 8x8 pixels) and of the rasterizer hold by construction.
 """
 from __future__ import annotations
 
@@ -52,8 +54,12 @@ def undistort_points(xy: np.ndarray, cam: Camera) -> np.ndarray:
 
 
 def prepare_scene(scene: Scene, out_dir: Path, max_side: int | None = None, downscale: float | None = None,
-                  min_images: int = 3) -> Scene:
-    """Write working images to `out_dir/images/` and return the scene that describes them."""
+                  min_images: int = 3, multiple: int = 8) -> Scene:
+    """Write undistorted, resized images to `out_dir/images/` and return the scene that describes them.
+
+    `multiple` = 8 centre-crops to the VAE's latent grid (working images); SfM's own images use 1
+    (no crop: every pixel of the photo stays available to feature matching).
+    """
     if len(scene.cameras) < min_images:
         raise SceneError(scene.key, scene.root, f"only {len(scene.cameras)} images; need at least {min_images}")
     out_dir = Path(out_dir)
@@ -65,7 +71,7 @@ def prepare_scene(scene: Scene, out_dir: Path, max_side: int | None = None, down
             raise SceneError(scene.key, scene.image_path(i),
                              f"image is {img.shape[1]}x{img.shape[0]}, expected {cam.width}x{cam.height}")
         img = undistort_image(img, cam)
-        (rw, rh), (left, top, cw, ch) = working_size(cam.width, cam.height, max_side, downscale)
+        (rw, rh), (left, top, cw, ch) = working_size(cam.width, cam.height, max_side, downscale, multiple)
         if (rw, rh) != (cam.width, cam.height):
             pil = Image.fromarray(np.clip(np.round(img * 255), 0, 255).astype(np.uint8))
             img = np.asarray(pil.resize((rw, rh), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
@@ -81,7 +87,8 @@ def prepare_scene(scene: Scene, out_dir: Path, max_side: int | None = None, down
     if scene.points is not None and len(scene.points):
         points = _map_points(scene, new_cams)
     meta = dict(scene.meta)
-    meta.update({"max_side": max_side, "downscale": downscale, "source_root": str(scene.root)})
+    meta.update({"max_side": max_side, "downscale": downscale})
+    meta.setdefault("source_root", str(scene.root))  # the dataset's folder, kept through SfM
     return Scene(scene.dataset, scene.name, new_cams, points, out_dir, meta)
 
 

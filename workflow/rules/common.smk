@@ -96,7 +96,8 @@ def logged(cmd):
 
 
 sys.path.insert(0, str(Path(workflow.basedir)))
-from lrf.methods import METHODS, field_name, latent_variant  # noqa: E402
+from lrf.methods import METHODS, field_name, latent_variant, per_scene  # noqa: E402
+import re as _re  # noqa: E402
 
 VAE = config["vae"]
 TUNED_ENCODER = f"results/vae/{VAE['name']}/stage1/encoder.safetensors"
@@ -104,13 +105,50 @@ TUNED_DECODER = f"results/vae/{VAE['name']}/stage3/decoder.safetensors"
 
 
 def vae_spec(encoder=False, decoder=False):
-    """JSON for lrf.vaecfg.load_vae; fine-tuned parts are file paths produced by the workflow."""
+    """JSON for lrf.vaecfg.load_vae; fine-tuned parts are file paths produced by the workflow
+    (`decoder` may be a path itself: a per-scene decoder)."""
     spec = {"kind": VAE["kind"], "source": VAE["source"]}
     if encoder:
         spec["encoder"] = TUNED_ENCODER
     if decoder:
-        spec["decoder"] = TUNED_DECODER
+        spec["decoder"] = decoder if isinstance(decoder, str) else TUNED_DECODER
     return json.dumps(spec)
+
+
+def method_regex(methods):
+    """A wildcard constraint matching exactly these method names (they may hold '+' or '.')."""
+    return "|".join(_re.escape(m) for m in methods)
+
+
+# What a method reads, in one place for evaluate, orbit and align: its field, and the VAE parts.
+def method_field(wc):
+    if per_scene(wc.method):
+        return f"results/{wc.dataset}/{wc.scene}/align/{wc.method}/field.safetensors"
+    return f"results/{wc.dataset}/{wc.scene}/fields/{field_name(wc.method)}/field.safetensors"
+
+
+def method_decoder(wc):
+    """The decoder file a method decodes with: None (pretrained), stage 3's, or the per-scene copy."""
+    if per_scene(wc.method):
+        return f"results/{wc.dataset}/{wc.scene}/align/{wc.method}/decoder.safetensors"
+    return TUNED_DECODER if METHODS[wc.method].get("decoder") == "tuned" else None
+
+
+def method_vae_files(wc):
+    files = [TUNED_ENCODER] if METHODS[wc.method].get("encoder") == "tuned" else []
+    dec = method_decoder(wc)
+    return files + ([dec] if dec else [])
+
+
+def base_of(wc):
+    """The wildcards of a per-scene method's starting point (its `base` method)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(dataset=wc.dataset, scene=wc.scene, method=METHODS[wc.method]["base"])
+
+
+def method_vae_spec(wc):
+    return vae_spec(METHODS[wc.method].get("encoder") == "tuned", method_decoder(wc) or False)
 
 
 def res(rule_name, key, default):

@@ -1,8 +1,8 @@
 rule correspondences:
     """Pixel correspondences per image pair from SfM tracks, with a per-pair weight (parquet)."""
     input:
-        scene="results/{dataset}/{scene}/sfm/scene.json",
-        points="results/{dataset}/{scene}/sfm/points.npz",
+        scene="results/{dataset}/{scene}/prepared/scene.json",
+        points="results/{dataset}/{scene}/prepared/points.npz",
     output:
         matches="results/{dataset}/{scene}/correspondences/matches.parquet",
         pairs="results/{dataset}/{scene}/correspondences/pairs.parquet",

@@ -1,7 +1,7 @@
 rule encode:
     """Encode every view once per (scene, autoencoder variant); fields and stages read the cache."""
     input:
-        scene="results/{dataset}/{scene}/sfm/scene.json",
+        scene="results/{dataset}/{scene}/prepared/scene.json",
         encoder=lambda wc: [TUNED_ENCODER] if wc.variant.endswith("-enc") else [],
     output:
         "results/{dataset}/{scene}/latents/{variant}.safetensors",

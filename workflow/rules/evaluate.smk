@@ -1,12 +1,7 @@
 def _eval_inputs(wc):
-    m = METHODS[wc.method]
-    ins = {"scene": f"results/{wc.dataset}/{wc.scene}/sfm/scene.json"}
-    if m["kind"] != "ceiling":
-        ins["field"] = f"results/{wc.dataset}/{wc.scene}/fields/{field_name(wc.method)}/field.safetensors"
-    if m.get("encoder") == "tuned":
-        ins["encoder"] = TUNED_ENCODER
-    if m.get("decoder") == "tuned":
-        ins["decoder"] = TUNED_DECODER
+    ins = {"scene": f"results/{wc.dataset}/{wc.scene}/prepared/scene.json", "vae": method_vae_files(wc)}
+    if METHODS[wc.method]["kind"] != "ceiling":
+        ins["field"] = method_field(wc)
     return ins
 
 
@@ -21,13 +16,13 @@ rule evaluate:
     params:
         kind=lambda wc: METHODS[wc.method]["kind"],
         field=lambda wc, input: f"--field {input.field}" if "field" in input.keys() else "",
-        vae=lambda wc: vae_spec(METHODS[wc.method].get("encoder") == "tuned", METHODS[wc.method].get("decoder") == "tuned"),
+        vae=method_vae_spec,
         weights=WEIGHTS_DIR,
         lpips=",".join(config["evaluate"]["lpips"]),
         rgb_downscale=config.get("rgb_downscale", 1),
         out=lambda wc, output: Path(output.metrics).parent,
     wildcard_constraints:
-        method="|".join(METHODS),
+        method=method_regex(METHODS),
     conda:
         CONDA_ENV
     log:

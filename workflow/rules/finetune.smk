@@ -5,9 +5,9 @@
 rule stage1:
     """Correspondence-aware autoencoding: fine-tune the encoder on the tuning scenes' training views."""
     input:
-        scenes=expand_scenes("results/{dataset}/{scene}/sfm/scene.json", protocol("tune")),
+        scenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("tune")),
         corr=expand_scenes("results/{dataset}/{scene}/correspondences/pairs.parquet", protocol("tune")),
-        mscenes=expand_scenes("results/{dataset}/{scene}/sfm/scene.json", protocol("eval")),
+        mscenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("eval")),
         mcorr=expand_scenes("results/{dataset}/{scene}/correspondences/pairs.parquet", protocol("eval")),
     output:
         encoder=TUNED_ENCODER,
@@ -41,9 +41,9 @@ rule stage3:
     """VAE-RF alignment: fine-tune the decoder on latents rendered by the tuning scenes' `enc` fields."""
     input:
         encoder=TUNED_ENCODER,
-        scenes=expand_scenes("results/{dataset}/{scene}/sfm/scene.json", protocol("tune")),
+        scenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("tune")),
         fields=expand_scenes("results/{dataset}/{scene}/fields/enc/field.safetensors", protocol("tune")),
-        mscenes=expand_scenes("results/{dataset}/{scene}/sfm/scene.json", protocol("eval")),
+        mscenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("eval")),
         mfields=expand_scenes("results/{dataset}/{scene}/fields/enc/field.safetensors", protocol("eval")),
     output:
         decoder=TUNED_DECODER,

@@ -7,8 +7,8 @@ def _field_targets(wc):
 rule fit_field:
     """Fit Gaussians to one scene's training views: latents (vanilla, enc) or colours (rgb-3dgs)."""
     input:
-        scene="results/{dataset}/{scene}/sfm/scene.json",
-        points="results/{dataset}/{scene}/sfm/points.npz",
+        scene="results/{dataset}/{scene}/prepared/scene.json",
+        points="results/{dataset}/{scene}/prepared/points.npz",
         targets=_field_targets,
     output:
         field="results/{dataset}/{scene}/fields/{field}/field.safetensors",

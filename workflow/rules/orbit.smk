@@ -1,21 +1,20 @@
 rule orbit:
     """A decoded novel-view orbit of one method's field (animated WebP) and the field as a 3DGS PLY."""
     input:
-        scene="results/{dataset}/{scene}/sfm/scene.json",
-        field=lambda wc: f"results/{wc.dataset}/{wc.scene}/fields/{field_name(wc.method)}/field.safetensors",
-        encoder=lambda wc: [TUNED_ENCODER] if METHODS[wc.method].get("encoder") == "tuned" else [],
-        decoder=lambda wc: [TUNED_DECODER] if METHODS[wc.method].get("decoder") == "tuned" else [],
+        scene="results/{dataset}/{scene}/prepared/scene.json",
+        field=method_field,
+        vae=method_vae_files,
     output:
         video="results/{dataset}/{scene}/orbit/{method}.webp",
         ply="results/{dataset}/{scene}/orbit/{method}.ply",
     params:
         kind=lambda wc: METHODS[wc.method]["kind"],
-        vae=lambda wc: vae_spec(METHODS[wc.method].get("encoder") == "tuned", METHODS[wc.method].get("decoder") == "tuned"),
+        vae=method_vae_spec,
         weights=WEIGHTS_DIR,
         frames=config.get("orbit", {}).get("frames", 36),
         rgb_downscale=config.get("rgb_downscale", 1),
     wildcard_constraints:
-        method="|".join(m for m in METHODS if METHODS[m]["kind"] != "ceiling"),
+        method=method_regex(m for m in METHODS if METHODS[m]["kind"] != "ceiling"),
     conda:
         CONDA_ENV
     log:

@@ -1,7 +1,8 @@
 rule sfm:
-    """pycolmap: SIFT, matching, then triangulation with given poses or incremental mapping."""
+    """pycolmap on SfM's images (sfm.max_side): SIFT, matching, then triangulation with given poses or
+    incremental mapping. One SfM per scene serves every working resolution and method."""
     input:
-        scene="results/{dataset}/{scene}/prepared/scene.json",
+        scene="results/{dataset}/{scene}/sfm/input/scene.json",
     output:
         scene="results/{dataset}/{scene}/sfm/scene.json",
         points="results/{dataset}/{scene}/sfm/points.npz",

@@ -1,11 +1,12 @@
 def store_items():
     """{source file: path inside results/store} for everything DVC versions: each scene's
-    cameras and SfM points, every fitted field, and the fine-tuned VAE parts in use."""
+    cameras and SfM points (at SfM's and the working resolution), every fitted field, and the fine-tuned VAE parts in use."""
     items = {}
     fields = {field_name(m) for m in config["methods"] if METHODS[m]["kind"] != "ceiling"}
     for key in selected_scenes():
         for f in ("scene.json", "points.npz"):
-            items[f"results/{key}/sfm/{f}"] = f"scenes/{key}/{f}"
+            items[f"results/{key}/sfm/{f}"] = f"scenes/{key}/sfm/{f}"        # poses and points at SfM's resolution
+            items[f"results/{key}/prepared/{f}"] = f"scenes/{key}/{f}"       # the same, mapped to the working images
         for fld in sorted(fields):
             items[f"results/{key}/fields/{fld}/field.safetensors"] = f"fields/{key}/{fld}.safetensors"
             items[f"results/{key}/fields/{fld}/field.json"] = f"fields/{key}/{fld}.json"

@@ -1,0 +1,250 @@
+"""Per-scene alignment (beyond the paper): refine a fitted latent field AND a copy of the decoder
+so that decode(render) matches the photos of this scene's TRAINING views.
+
+Stage 2 fits latents, and stage 3 teaches one decoder to read rendered latents of other
+scenes; neither ever compares a decoded render with this scene's photos. Here the loss is
+photometric, L1 + w_dssim * D-SSIM (+ w_lpips * LPIPS) between decode(render crop) and the
+photo crop, with gradients into the Gaussians (features, opacities, scales, rotations, and
+means at a small rate) and into a per-scene copy of the decoder. Held-out views are never
+read while training; the field's background and the encoder stay as they were.
+
+Each step: one training view, its field rendered at 1/8 (K[:2] / 8), a random latent crop of
+`crop // 8` cells and the photo crop under it (latent cell offset * 8 = pixel offset).
+Checkpoints, exact resumption and progress are those of the fine-tuning stages.
+
+    python -m lrf.align --scene results/D/S/prepared/scene.json \
+        --field results/D/S/fields/vanilla/field.safetensors --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
+        --weights-dir ../shared/weights --out results/D/S/align/vanilla-ps
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrf.cli import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, deterministic, image_tensor,
+                                 latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
+                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
+                                 save_module, say, tensors_sha256, trim8, write_curve)
+from lrf.io import atomic_write_json
+from lrf.scene.model import Scene
+
+CURVE_COLUMNS = ("step", "loss", "l1", "dssim", "lpips", "seconds")
+
+
+@dataclass
+class AlignConfig(TrainConfig):
+    steps: int = 300
+    batch: int = 1                # views per step
+    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells
+    lr: float = 5e-5              # the decoder copy (Adam)
+    w_lpips: float = 0.0          # photometric loss: L1 + w_dssim * D-SSIM + w_lpips * LPIPS
+    w_dssim: float = 0.2
+    features_lr: float = 2.5e-3   # the field's parameters (Adam), as 3DGS' late-phase rates
+    opacities_lr: float = 0.01
+    scales_lr: float = 1e-3
+    quats_lr: float = 1e-3
+    means_lr: float = 1.6e-6      # x scene extent (3DGS' final means rate)
+    tune_decoder: bool = True     # False: only the field moves (the decoder stays as given)
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        for k in ("w_dssim", "features_lr", "opacities_lr", "scales_lr", "quats_lr", "means_lr"):
+            if getattr(self, k) < 0:
+                raise InputError(f"AlignConfig: {k} must be >= 0")
+
+
+def _field_lrs(cfg: AlignConfig, extent: float) -> dict[str, float]:
+    return {"means": cfg.means_lr * extent, "scales": cfg.scales_lr, "quats": cfg.quats_lr,
+            "opacities": cfg.opacities_lr, "features_dc": cfg.features_lr, "features_rest": cfg.features_lr / 20}
+
+
+def render_latent(field, cam, background, backend: str) -> torch.Tensor:
+    """[C, H//8, W//8] render of one view (differentiable)."""
+    K = cam.K.copy()
+    K[:2] *= 1.0 / DOWNSCALE
+    r = field.render(cam.w2c, K, cam.width // DOWNSCALE, cam.height // DOWNSCALE, background, backend)
+    return r.image.permute(2, 0, 1)
+
+
+@torch.no_grad()
+def train_psnr(vae, field, scene: Scene, background, backend: str, ids) -> float | None:
+    """Mean decoded PSNR over training views `ids` (how well the pair fits what it was given)."""
+    ps = []
+    for i in ids:
+        z = render_latent(field, scene.cameras[i], background, backend)
+        ps.append(psnr_l1(vae.decode(z[None]).float(), trim8(image_tensor(scene, i))[None])[0])
+    return float(np.mean(ps)) if ps else None
+
+
+def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir: str | Path, lpips=None,
+                spec: dict | None = None, field_meta: dict | None = None, stop_at: int | None = None,
+                progress: bool = True) -> dict | None:
+    """Refine `field` and vae.decoder in place on the training views; write the aligned field,
+    decoder, curve and align.json to out_dir. Returns None when stopped early at `stop_at`."""
+    from lrf.field import save_field
+    from lrf.field.losses import d_ssim
+    from lrf.field.train import scene_scale
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if field.channels != vae.latent_channels:
+        raise InputError(f"{scene.key}: field has {field.channels} channels, the {vae.kind} decoder "
+                         f"expects {vae.latent_channels}")
+    ids = list(scene.train)  # held-out views never reach this step
+    if not ids:
+        raise InputError(f"{scene.key}: no training views to align on")
+    cells = cfg.crop // DOWNSCALE
+    dec = vae.decoder
+    vae.requires_grad_(False)
+    lrs = _field_lrs(cfg, scene_scale(scene))
+    fp = cfg.fingerprint()
+    fp.update(vae=None if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
+              field0=tensors_sha256(field.tensors().values()), decoder0=tensors_sha256(dec.state_dict().values()),
+              views=[scene.cameras[i].name for i in ids],
+              background=None if background is None else [float(v) for v in background])
+    fp = json.loads(json.dumps(fp))
+    groups = [{"params": [field.params[k]], "lr": lr, "name": k} for k, lr in lrs.items()]
+    if cfg.tune_decoder:
+        groups.append({"params": list(dec.parameters()), "lr": cfg.lr, "name": "decoder"})
+    rng = RNG(cfg.seed)
+    opt = torch.optim.Adam(groups, eps=1e-15)
+    monitor = ids[:: max(1, len(ids) // 4)][:4]  # a few training views to show the fit improving
+    ck = load_checkpoint(out_dir, fp)
+    if ck is not None:
+        tens, meta = ck
+        with torch.no_grad():
+            for k in field.params:
+                field.params[k].copy_(tens[f"field/{k}"])
+        dec.load_state_dict({k[len("decoder/"):]: v for k, v in tens.items() if k.startswith("decoder/")})
+        load_optimizer_tensors(opt, tens)
+        rng.restore(tens, meta["rng"])
+        step, seconds, before = meta["step"], meta["seconds"], meta["before"]
+        rows = [tuple(r) for r in tens["curve"].tolist()]
+        if progress:
+            say(f"[align] resuming from step {step}")
+    else:
+        before = train_psnr(vae, field, scene, background, cfg.backend, monitor)
+        step, seconds, rows = 0, 0.0, []
+
+    def checkpoint():
+        t = {f"field/{k}": v.detach().cpu().contiguous() for k, v in field.params.items()}
+        t.update({f"decoder/{k}": v for k, v in dec.state_dict().items()})
+        t.update(optimizer_tensors(opt))
+        rt, rm = rng.state()
+        t.update(rt)
+        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
+        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
+                                     "before": before})
+        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+
+    photos: dict[int, torch.Tensor] = {}
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = Progress("align", cfg.steps, step, cfg.log_every, progress)
+    field.requires_grad_(True)
+    dec.requires_grad_(cfg.tune_decoder)
+    try:
+        with deterministic():
+            while step < end:
+                t = Timer()
+                zs, xs = [], []
+                for _ in range(cfg.batch):
+                    i = ids[int(rng.np.integers(len(ids)))]
+                    if i not in photos:
+                        photos[i] = trim8(image_tensor(scene, i))
+                    z = render_latent(field, scene.cameras[i], background, cfg.backend)
+                    top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
+                    zs.append(z[:, top:top + ch, left:left + cw])
+                    xs.append(photos[i][:, top * DOWNSCALE:(top + ch) * DOWNSCALE,
+                                        left * DOWNSCALE:(left + cw) * DOWNSCALE])
+                z, x = torch.stack(zs), torch.stack(xs)
+                y = vae.decode(z, clamp=False)
+                l1 = (y - x).abs().mean()
+                ds = d_ssim(y, x) if cfg.w_dssim > 0 else l1.new_zeros(())
+                lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
+                loss = l1 + cfg.w_dssim * ds + cfg.w_lpips * lp
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                seconds += t()
+                vals = (float(loss.detach()), float(l1.detach()), float(ds.detach()), float(lp.detach()))
+                rows.append((step, *vals, seconds))
+                bar.update(step, {"loss": vals[0], "l1": vals[1]}, seconds)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    checkpoint()
+    finally:
+        bar.close()
+        field.requires_grad_(False)
+        dec.requires_grad_(False)
+    if step < cfg.steps:
+        return None
+
+    after = train_psnr(vae, field, scene, background, cfg.backend, monitor)
+    report = {"scene": scene.key, "config": asdict(cfg), "steps": step, "seconds": seconds,
+              "s_per_step": seconds / max(step, 1), "vae": spec,
+              "train_psnr": {"views": [scene.cameras[i].name for i in monitor], "before": before, "after": after}}
+    meta = dict(field_meta or {})  # field.json of the fitted field: background, channel norm, ...
+    meta["aligned"] = {k: report[k] for k in ("steps", "seconds", "train_psnr")}
+    save_field(field, out_dir / "field.safetensors",
+               {k: meta[k] for k in ("channel_norm", "sh_degree", "channels") if k in meta})
+    atomic_write_json(out_dir / "field.json", meta)
+    save_module(out_dir / "decoder.safetensors", dec, {"align": scene.key, "steps": step, "vae": spec})
+    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+    atomic_write_json(out_dir / "align.json", report)
+    remove_checkpoint(out_dir)
+    return report
+
+
+def main(argv=None) -> int:
+    from lrf.cli import run_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scene", required=True, type=Path, help="prepared scene.json")
+    ap.add_argument("--field", required=True, type=Path, help="the fitted latent field.safetensors")
+    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder, decoder (the starting decoder)]")
+    ap.add_argument("--weights-dir", required=True, type=Path)
+    ap.add_argument("--cfg", default="{}", help="JSON overrides of AlignConfig")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    def go():
+        from lrf.evaluate import field_background
+        from lrf.field import load_field
+        from lrf.vaecfg import load_vae
+
+        torch.set_num_threads(args.threads)
+        try:
+            spec, over = json.loads(args.vae), json.loads(args.cfg)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
+        if args.seed is not None:
+            over["seed"] = args.seed
+        cfg = AlignConfig.from_overrides(over)
+        scene = Scene.load(args.scene)
+        if not args.field.is_file():
+            raise InputError(f"{scene.key}: {args.field}: field file missing")
+        field = load_field(args.field)
+        meta_path = args.field.with_suffix(".json")
+        field_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        bg = field_background(args.field, field.channels)
+        vae = load_vae(spec, args.weights_dir, cfg.device)
+        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        rep = align_scene(vae, field, scene, bg, cfg, args.out, lp, spec=spec, field_meta=field_meta)
+        tp = rep["train_psnr"]
+        return (f"{scene.key}: aligned field + decoder, {rep['steps']} steps, {rep['s_per_step']:.2f} s/step; "
+                f"training-view PSNR {tp['before']:.2f} -> {tp['after']:.2f}")
+
+    return run_main(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
