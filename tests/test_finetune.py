@@ -488,3 +488,20 @@ def test_fern_smoke_heldout_consistency(tmp_path, taef2):
     r = doc["overall"]["recon"]
     assert r["after"]["psnr"] > r["before"]["psnr"] - 1.5     # reconstruction must not collapse
     assert doc["overall"]["heldout"]["before"]["l1"] == pytest.approx(h["before"]["l1"])
+
+
+def test_ratio_correspondence_loss_is_scale_free():
+    """Shrinking every latent halves the L1 loss but leaves the ratio loss as it was; agreeing
+    matches lower both."""
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    xy = [np.array([[4.0, 4.0], [12.0, 20.0], [28.0, 36.0], [44.0, 12.0]])] * 2
+    w = [1.0, 0.5]
+    l1, n = correspondence_loss(za, zb, xy, xy, w, "l1")
+    ratio, _ = correspondence_loss(za, zb, xy, xy, w, "ratio")
+    assert n == 8
+    assert float(correspondence_loss(za / 2, zb / 2, xy, xy, w, "l1")[0]) == pytest.approx(float(l1) / 2, rel=1e-5)
+    assert float(correspondence_loss(za / 2, zb / 2, xy, xy, w, "ratio")[0]) == pytest.approx(float(ratio), rel=1e-5)
+    closer = za + 0.2 * (zb - za)  # b moves toward a everywhere: matches agree more than non-matches
+    assert float(correspondence_loss(za, za + 0.2 * (zb - za), xy, xy, w, "ratio")[0]) < float(ratio)
+    assert float(correspondence_loss(closer, closer, xy, xy, w, "ratio")[0]) == pytest.approx(0.0, abs=1e-7)

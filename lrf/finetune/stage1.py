@@ -65,6 +65,7 @@ from lrf.scene.model import Scene
 
 CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "seconds")
 PAIR_SAMPLING = ("matches", "weight_matches", "uniform")
+CORR_LOSSES = ("l1", "ratio")
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +78,8 @@ class Stage1Config(TrainConfig):
     w_kl: float = 1e-6            # KL autoencoders (the LDM autoencoder's KL weight)
     pair_sampling: str = "matches"
     corr_margin: float = 8.0      # px: matches nearer a crop edge are skipped (zero padding there)
+    corr_loss: str = "l1"         # "l1": matched L1; "ratio": matched L1 / L1 of the same latents at
+    #                               non-matching pixels (scale-free: shrinking latents cannot lower it)
     w_anchor: float = 1.0         # L1 to the pretrained encoder's latents (0: off). Lego-tuned,
     #                               150 steps, fern never seen: off -> held-out corr ratio
     #                               0.506 -> 0.481 but recon 27.39 -> 25.66 dB; 1.0 -> 0.495 and 26.91
@@ -85,6 +88,8 @@ class Stage1Config(TrainConfig):
         super().validate()
         if self.pair_sampling not in PAIR_SAMPLING:
             raise InputError(f"Stage1Config: pair_sampling must be one of {', '.join(PAIR_SAMPLING)}")
+        if self.corr_loss not in CORR_LOSSES:
+            raise InputError(f"Stage1Config: corr_loss must be one of {', '.join(CORR_LOSSES)}")
         if not 0 <= self.corr_margin < self.crop / 2:
             raise InputError("Stage1Config: corr_margin must be in [0, crop/2)")
 
@@ -226,19 +231,29 @@ class ImageCache:
 
 # ----------------------------------------------------------------------------- losses
 def correspondence_loss(z_a: torch.Tensor, z_b: torch.Tensor, xy_a: list, xy_b: list,
-                        weights: list[float]) -> tuple[torch.Tensor, int]:
+                        weights: list[float], kind: str = "l1") -> tuple[torch.Tensor, int]:
     """Pair-weighted mean over matches of the channel-mean L1 between latents z_a[b] at xy_a[b]
-    and z_b[b] at xy_b[b] (pixel coords in each crop). Returns (loss, number of matches)."""
-    num, den, n = z_a.sum() * 0.0, 0.0, 0
+    and z_b[b] at xy_b[b] (pixel coords in each crop). Returns (loss, number of matches).
+
+    kind "ratio" divides by the same weighted mean at NON-matching pixels (each match's b-side
+    latent swapped for the next match's, as the consistency measure does): the loss no longer
+    falls when all latents shrink, only when matches agree more than non-matches do."""
+    num, rnd, den, n = z_a.sum() * 0.0, z_a.sum() * 0.0, 0.0, 0
     for b in range(z_a.shape[0]):
         if len(xy_a[b]) == 0:
             continue
         a = sample_latents(z_a[b], torch.as_tensor(xy_a[b]))
         c = sample_latents(z_b[b], torch.as_tensor(xy_b[b]))
         num = num + weights[b] * (a - c).abs().mean(1).sum()
+        if kind == "ratio" and len(a) > 1:
+            rnd = rnd + weights[b] * (a - c.roll(1, 0)).abs().mean(1).sum()
         den += weights[b] * len(xy_a[b])
         n += len(xy_a[b])
-    return (num / den if den > 0 else num), n
+    if den == 0:
+        return num, n
+    if kind == "ratio":
+        return num / rnd.clamp_min(1e-6) if float(rnd) > 0 else num / den, n
+    return num / den, n
 
 
 def stats_penalty(z: torch.Tensor, mean0: torch.Tensor, std0: torch.Tensor) -> torch.Tensor:
@@ -272,7 +287,7 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
     recon_l1 = (y - x).abs().mean()
     lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else recon_l1.new_zeros(())
     corr, _ = correspondence_loss(z[:B], z[B:], [p.xy_i for p in pairs], [p.xy_j for p in pairs],
-                                  [p.weight for p in pairs])
+                                  [p.weight for p in pairs], cfg.corr_loss)
     if logvar is not None:
         reg, w_reg = kl_term(z, logvar), cfg.w_kl
     else:
