@@ -84,7 +84,7 @@ class Renderer:
 
     # -- loading
     def vae(self, decoder: Path | None = None):
-        """(vae with this decoder, fast decoder module) - None: the spec's own decoder."""
+        """(vae with this decoder, its copy for live frames) - decoder None: the spec's own."""
         key = None if decoder is None else Path(decoder)
         with self._lock:
             if key not in self._vaes:
@@ -94,9 +94,11 @@ class Renderer:
                 if key is not None:
                     spec["decoder"] = str(key)
                 vae = load_vae(spec, self.weights_dir)
-                fast = vae.decoder
+                # a copy for live frames: channels-last (oneDNN's faster convolution layout, ~20% on
+                # TAEF2 in float32 too), in bf16 where chosen
+                fast = copy.deepcopy(vae).to(memory_format=torch.channels_last)
                 if self.precision == "bf16":
-                    fast = copy.deepcopy(vae.decoder).to(torch.bfloat16).to(memory_format=torch.channels_last)
+                    fast = fast.to(torch.bfloat16)
                 self._vaes[key] = (vae, fast)
             return self._vaes[key]
 
@@ -138,11 +140,7 @@ class Renderer:
             out = field.render(w2c, Kc, (x1 - x0) // s, height // s, bg, "auto")
             z = out.image.permute(2, 0, 1)[None]
             t1 = time.perf_counter()
-            if self.precision == "bf16":
-                img = fast(z.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).float()
-            else:
-                img = vae.decode(z)
-            img = img[0].permute(1, 2, 0)
+            img = fast.decode(z.contiguous(memory_format=torch.channels_last)).float()[0].permute(1, 2, 0)
         else:
             out = field.render(w2c, Kc, x1 - x0, height, bg, "auto")
             t1 = time.perf_counter()
