@@ -229,11 +229,19 @@ class Tab:
     def snap(self, name: str) -> None:
         """Move the camera to a scene view; render it as lrf.evaluate does (each method shown);
         show the photo, the renders and their PSNR."""
+        i, cam = self.ls.camera(name)
+        self.set_camera(cam.w2c, vertical_fov(cam.K, cam.height))
+        try:
+            self._score(name, i, cam)
+        except Exception as e:  # noqa: BLE001 - e.g. the photos are not where the scene file says
+            log.warning("snap to %s: %s", name, e)
+            self.g_psnr.content = f"cannot score `{name}`: {str(e).splitlines()[0][:300]}"
+            self.g_photo.visible = self.g_render.visible = self.g_render2.visible = False
+
+    def _score(self, name: str, i: int, cam) -> None:
         from lrf.metrics import psnr
         import torch
 
-        i, cam = self.ls.camera(name)
-        self.set_camera(cam.w2c, vertical_fov(cam.K, cam.height))
         methods = self.ls.src.methods
         shown = [methods[self.g_method.value]]
         if self.g_compare.value != "none":
