@@ -63,7 +63,7 @@ from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, c
 from lrf.io import atomic_write_json
 from lrf.scene.model import Scene
 
-CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "seconds")
+CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "seconds")
 PAIR_SAMPLING = ("matches", "weight_matches", "uniform")
 CORR_LOSSES = ("l1", "ratio")
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class Stage1Config(TrainConfig):
     w_kl: float = 1e-6            # KL autoencoders (the LDM autoencoder's KL weight)
     pair_sampling: str = "matches"
     corr_margin: float = 8.0      # px: matches nearer a crop edge are skipped (zero padding there)
+    w_equiv: float = 0.0          # warp equivariance (EQ-VAE style): E(warp(x)) vs warp(E(x)) for a
+    equiv_shift: float = 8.0      # random sub-cell shift (px, up to), scale and rotation per crop;
+    equiv_scale: float = 0.1      # dense, needs no correspondences: the aliasing that makes latents
+    equiv_rotate_deg: float = 5.0  # of one 3D point disagree between views
     corr_loss: str = "l1"         # "l1": matched L1; "ratio": matched L1 / L1 of the same latents at
     #                               non-matching pixels (scale-free: shrinking latents cannot lower it)
     w_anchor: float = 1.0         # L1 to the pretrained encoder's latents (0: off). Lego-tuned,
@@ -88,6 +92,8 @@ class Stage1Config(TrainConfig):
         super().validate()
         if self.pair_sampling not in PAIR_SAMPLING:
             raise InputError(f"Stage1Config: pair_sampling must be one of {', '.join(PAIR_SAMPLING)}")
+        if self.w_equiv > 0 and self.crop < 48:
+            raise InputError("Stage1Config: w_equiv needs crop >= 48 (the term skips 2 latent cells at each border)")
         if self.corr_loss not in CORR_LOSSES:
             raise InputError(f"Stage1Config: corr_loss must be one of {', '.join(CORR_LOSSES)}")
         if not 0 <= self.corr_margin < self.crop / 2:
@@ -269,10 +275,43 @@ def kl_term(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
 
 
+def random_warps(rng: np.random.Generator, n: int, cfg: Stage1Config) -> torch.Tensor:
+    """[n, 2, 3] affine_grid matrices (normalised coordinates): rotation, isotropic scale and a
+    shift of up to `equiv_shift` pixels of a `crop`-pixel crop. In normalised coordinates the same
+    matrix warps a crop and its latent grid alike (align_corners=False: both span the same area)."""
+    ang = np.deg2rad(rng.uniform(-cfg.equiv_rotate_deg, cfg.equiv_rotate_deg, n))
+    sc = 1.0 + rng.uniform(-cfg.equiv_scale, cfg.equiv_scale, n)
+    sh = rng.uniform(-cfg.equiv_shift, cfg.equiv_shift, (n, 2)) * 2.0 / cfg.crop
+    th = np.zeros((n, 2, 3))
+    th[:, 0, 0], th[:, 0, 1] = sc * np.cos(ang), -sc * np.sin(ang)
+    th[:, 1, 0], th[:, 1, 1] = sc * np.sin(ang), sc * np.cos(ang)
+    th[:, :, 2] = sh
+    return torch.as_tensor(th, dtype=torch.float32)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def equivariance_loss(vae, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, border: int = 2) -> torch.Tensor:
+    """Mean L1 between E(warp(x)) and warp(E(x)) away from the crop's border (zero padding
+    there), relative to the mean |latent| of the target so that shrinking does not pay."""
+    zw = vae.encode_distribution(warp(x, theta))[0]
+    target = warp(z, theta)
+    b = border
+    d = (zw - target)[..., b:-b, b:-b]
+    return d.abs().mean() / target[..., b:-b, b:-b].detach().abs().mean().clamp_min(1e-6)
+
+
 def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1Config,
-                mean0: torch.Tensor, std0: torch.Tensor, encoder0=None) -> dict[str, torch.Tensor]:
+                mean0: torch.Tensor, std0: torch.Tensor, encoder0=None,
+                theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Losses of one batch: x holds the B crops of image i, then the B crops of image j.
-    encoder0: the frozen pretrained encoder (needed when cfg.w_anchor > 0)."""
+    encoder0: the frozen pretrained encoder (needed when cfg.w_anchor > 0); theta: one random
+    warp per crop (needed when cfg.w_equiv > 0)."""
     B = len(pairs)
     z, logvar = vae.encode_distribution(x)
     if cfg.w_anchor > 0:
@@ -292,8 +331,11 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
         reg, w_reg = kl_term(z, logvar), cfg.w_kl
     else:
         reg, w_reg = stats_penalty(z, mean0, std0), cfg.w_stats
-    loss = recon_l1 + cfg.w_lpips * lp + cfg.lambda_corr * corr + w_reg * reg + cfg.w_anchor * anchor
-    return {"loss": loss, "recon_l1": recon_l1, "lpips": lp, "corr": corr, "stats": reg, "anchor": anchor}
+    equiv = equivariance_loss(vae, x, z, theta) if cfg.w_equiv > 0 else z.new_zeros(())
+    loss = (recon_l1 + cfg.w_lpips * lp + cfg.lambda_corr * corr + w_reg * reg + cfg.w_anchor * anchor
+            + cfg.w_equiv * equiv)
+    return {"loss": loss, "recon_l1": recon_l1, "lpips": lp, "corr": corr, "stats": reg, "anchor": anchor,
+            "equiv": equiv}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -471,7 +513,8 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
                 crops = ([images.crop(p.scene, p.i, p.origin_i, cfg.crop) for p in pairs]
                          + [images.crop(p.scene, p.j, p.origin_j, cfg.crop) for p in pairs])
                 x = torch.stack(crops).to(dev)
-                L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0)
+                theta = random_warps(rng.np, len(x), cfg) if cfg.w_equiv > 0 else None
+                L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta)
                 opt.zero_grad(set_to_none=True)
                 L["loss"].backward()
                 opt.step()
@@ -479,7 +522,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
                 seconds += t()
                 vals = {k: float(v.detach()) for k, v in L.items()}
                 rows.append((step, vals["loss"], vals["recon_l1"], vals["lpips"], vals["corr"], vals["stats"],
-                             vals["anchor"], seconds))
+                             vals["anchor"], vals["equiv"], seconds))
                 bar.update(step, {k: vals[k] for k in ("loss", "corr", "stats")}, seconds)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     checkpoint()
