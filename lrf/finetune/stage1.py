@@ -258,7 +258,7 @@ def correspondence_loss(z_a: torch.Tensor, z_b: torch.Tensor, xy_a: list, xy_b: 
     if den == 0:
         return num, n
     if kind == "ratio":
-        return num / rnd.clamp_min(1e-6) if float(rnd) > 0 else num / den, n
+        return num / rnd.clamp_min(1e-6) if float(rnd.detach()) > 0 else num / den, n
     return num / den, n
 
 
