@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real one-node SLURM on localhost for CI: `bash .ci/slurm.sh up` installs Debian's slurm and
 # munge if needed, writes slurm.conf, starts munged, slurmctld and slurmd and records their
-# PIDs; `bash .ci/slurm.sh down` stops exactly those PIDs. Needs root.
+# PIDs; `bash .ci/slurm.sh down` stops exactly those PIDs. Needs root. The node declares one
+# fake GPU (gres) so that GPU requests can be submitted and inspected.
 set -euo pipefail
 STATE=${LRF_SLURM_STATE:-/tmp/lrf-slurm}
 PIDS=$STATE/pids
@@ -57,11 +58,19 @@ StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+GresTypes=gpu
+NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+CONF
+# One fake GPU whose device file is /dev/null: enough for SLURM to accept and account a GPU
+# request (--gpus=1 -> TRES gres/gpu=1), while the job itself finds no CUDA device, as a job
+# whose GPU went missing would (tests/test_slurm.py: such a job must fail, not run on the CPU).
+cat > /etc/slurm/gres.conf <<CONF
+NodeName=$host Name=gpu File=/dev/null
 CONF
 : > "$PIDS"
 rm -f "$STATE/slurmctld.pid" "$STATE/slurmd.pid" /run/munge/lrf-munged.pid  # stale ones from a killed run
+rm -rf "$STATE"/ctld/*  # a node drained by an earlier configuration stays drained in the saved state
 runuser -u munge -- munged --force --pid-file=/run/munge/lrf-munged.pid  # --force: clear a stale socket
 wait_for 10 test -s /run/munge/lrf-munged.pid
 echo "munged $(cat /run/munge/lrf-munged.pid)" >> "$PIDS"

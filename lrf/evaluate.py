@@ -135,11 +135,14 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", type=Path, required=True)
     ap.add_argument("--lpips", default="alex,vgg")
     ap.add_argument("--rgb-downscale", type=int, default=1, help="the RGB field was fitted at 1/k resolution")
+    ap.add_argument("--backend", default="auto", help="rasterizer (lrf.gpu): auto | cpu | gsplat")
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (cuda: a GPU job; fail without one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
+        from lrf.gpu import select
         from lrf.metrics import LPIPS
         from lrf.vaecfg import load_vae
 
@@ -148,12 +151,13 @@ def main(argv=None) -> int:
         scene = Scene.load(args.scene)
         if not scene.test:
             raise InputError(f"{scene.key}: {args.scene}: no test views")
-        vae = load_vae(json.loads(args.vae), args.weights_dir) if args.kind != "rgb" else None
+        backend, dev = select(args.backend, args.device, who=scene.key, renders=args.kind != "ceiling")
+        vae = load_vae(json.loads(args.vae), args.weights_dir, str(dev)) if args.kind != "rgb" else None
         field, bg, fit_info, fit_time = None, None, {}, {}
         if args.kind != "ceiling":
             from lrf.field import load_field
 
-            field = load_field(args.field)
+            field = load_field(args.field, dev)
             bg = field_background(args.field, field.channels)
             meta_path = args.field.with_suffix(".json")
             if meta_path.exists():
@@ -161,11 +165,12 @@ def main(argv=None) -> int:
                 fit_info = {k: m.get(k) for k in ("steps", "num_gaussians", "final_loss") if k in m}
                 fit_time = {k: m.get(k) for k in ("seconds",) if k in m}
         nets = {n: LPIPS(n, Path(args.weights_dir) / "lpips") for n in args.lpips.split(",") if n}
-        res, timing = evaluate(scene, args.kind, args.out, vae, field, bg, nets, rgb_downscale=args.rgb_downscale)
+        res, timing = evaluate(scene, args.kind, args.out, vae, field, bg, nets, backend=backend,
+                               rgb_downscale=args.rgb_downscale)
         who = {"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name}
         res.update({**who, "fit": fit_info, "rgb_downscale": args.rgb_downscale if args.kind == "rgb" else None,
                     "width": scene.cameras[0].width, "height": scene.cameras[0].height})
-        timing.update({**who, "fit": fit_time, "threads": args.threads})
+        timing.update({**who, "fit": fit_time, "threads": args.threads, "device": dev.type, "backend": backend})
         # timing first: a kill between the two leaves no metrics.json, so the step reruns whole
         atomic_write_json(args.out / "timing.json", timing)
         atomic_write_json(args.out / "metrics.json", res)

@@ -159,5 +159,23 @@ def gpu_resources(rule_name):
     n = res(rule_name, "gpu", 0)
     return {"gpu": n} if n else {}  # the SLURM executor turns this into --gpus
 
+
+# Rasterizer for the steps that render (lrf.gpu): auto = gsplat on CUDA, our rasterizer on the CPU.
+BACKEND = config.get("backend", "auto")
+
+
+def device_of(rule_name):
+    """--device for a step: `cuda` where the rule requests a GPU (no GPU: the step fails with one
+    ERROR line rather than run on the CPU), else `auto` (CUDA when one is visible)."""
+    return "cuda" if res(rule_name, "gpu", 0) else "auto"
+
+
+def stage_cfg(rule_name):
+    """stage1/stage3 overrides; a GPU request makes the stage run on CUDA (or fail without it)."""
+    cfg = dict(config.get(rule_name) or {})
+    if res(rule_name, "gpu", 0):
+        cfg["device"] = "cuda"
+    return json.dumps(cfg)
+
 # For `--sdm conda`: every rule runs in this environment (same pins as pyproject.toml).
 CONDA_ENV = str(Path(workflow.basedir) / "envs" / "lrf.yaml")

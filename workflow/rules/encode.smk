@@ -8,6 +8,7 @@ rule encode:
     params:
         vae=lambda wc: vae_spec(encoder=wc.variant.endswith("-enc")),
         weights=WEIGHTS_DIR,
+        device=device_of("encode"),
     wildcard_constraints:
         variant="[A-Za-z0-9][A-Za-z0-9_.-]*",
     conda:
@@ -19,6 +20,7 @@ rule encode:
     resources:
         mem_mb=res("encode", "mem_mb", 6000),
         runtime=res("encode", "runtime", 30),
+        **gpu_resources("encode"),
     shell:
         logged("{PY} lrf.encode --scene {input.scene} --vae {params.vae:q} --weights-dir {params.weights:q} "
-               "--threads {threads} --out {output}")
+               "--device {params.device} --threads {threads} --out {output}")

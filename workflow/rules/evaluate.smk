@@ -20,6 +20,8 @@ rule evaluate:
         weights=WEIGHTS_DIR,
         lpips=",".join(config["evaluate"]["lpips"]),
         rgb_downscale=config.get("rgb_downscale", 1),
+        backend=BACKEND,
+        device=device_of("evaluate"),
         out=lambda wc, output: Path(output.metrics).parent,
     wildcard_constraints:
         method=method_regex(METHODS),
@@ -31,7 +33,9 @@ rule evaluate:
     resources:
         mem_mb=res("evaluate", "mem_mb", 6000),
         runtime=res("evaluate", "runtime", 30),
+        **gpu_resources("evaluate"),
     shell:
         logged("{PY} lrf.evaluate --scene {input.scene} --kind {params.kind} --method {wildcards.method} "
                "{params.field} --vae {params.vae:q} --weights-dir {params.weights:q} --lpips {params.lpips} "
-               "--rgb-downscale {params.rgb_downscale} --threads {threads} --out {params.out}")
+               "--rgb-downscale {params.rgb_downscale} --backend {params.backend} --device {params.device} "
+               "--threads {threads} --out {params.out}")

@@ -19,7 +19,7 @@ rule stage1:
         pairs=lambda wc, input: " ".join(f"--scene {s} --corr {Path(c).parent}" for s, c in zip(input.scenes, input.corr)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-corr {Path(c).parent}"
                                            for s, c in zip(input.mscenes, input.mcorr)),
-        cfg=lambda wc: json.dumps(config.get("stage1") or {}),
+        cfg=lambda wc: stage_cfg("stage1"),
         seed=config["seed"],
         out=lambda wc, output: Path(output.encoder).parent,
     conda:
@@ -55,7 +55,7 @@ rule stage3:
         pairs=lambda wc, input: " ".join(f"--scene {s} --field {f}" for s, f in zip(input.scenes, input.fields)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-field {f}"
                                            for s, f in zip(input.mscenes, input.mfields)),
-        cfg=lambda wc: json.dumps(config.get("stage3") or {}),
+        cfg=lambda wc: stage_cfg("stage3"),
         seed=config["seed"],
         out=lambda wc, output: Path(output.decoder).parent,
     conda:

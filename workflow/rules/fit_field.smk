@@ -19,6 +19,8 @@ rule fit_field:
         out=lambda wc, output: Path(output.field).parent,
         seed=config["seed"],
         downscale=lambda wc: config.get("rgb_downscale", 1) if wc.field == "rgb-3dgs" else 1,
+        backend=BACKEND,
+        device=device_of("fit_field"),
     wildcard_constraints:
         field="vanilla|enc|rgb-3dgs",
     conda:
@@ -33,4 +35,5 @@ rule fit_field:
         **gpu_resources("fit_field"),
     shell:
         logged("{PY} lrf.fit --scene {input.scene} --targets {params.targets} --cfg {params.cfg:q} "
-               "--downscale {params.downscale} --seed {params.seed} --threads {threads} --out {params.out}")
+               "--downscale {params.downscale} --seed {params.seed} --backend {params.backend} --device {params.device} "
+               "--threads {threads} --out {params.out}")
