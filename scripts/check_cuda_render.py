@@ -8,7 +8,10 @@ w.r.t. means, quats, scales, opacities, features and means2d (max abs
 difference relative to the largest gradient), times both, and prints one JSON
 document.  Exit status 0 iff every scene is within tolerance.
 
-    python scripts/check_cuda_render.py [--tol 1e-4] [--repeats 5]
+    python scripts/check_cuda_render.py [--tol 1e-4] [--repeats 5] [--dry]
+
+``--dry`` (CI, no GPU): the same comparison and report at tiny sizes, with the brute-force
+``reference`` renderer on the CPU standing in for gsplat, so the script cannot rot.
 
 Importing this module has no side effects.  Known differences: gsplat
 versions before 1.5 bin Gaussians into tiles with a 3-sigma radius instead
@@ -33,6 +36,7 @@ SCENES = [  # n, channels, width, height, seed
     (20_000, 32, 63, 47, 2),
     (50_000, 16, 128, 96, 3),
 ]
+DRY_SCENES = [(150, 3, 24, 18, 0), (200, 4, 23, 17, 1)]
 PARAMS = ("means", "quats", "scales", "opacities", "features")
 
 
@@ -72,8 +76,13 @@ def _timed(fn, repeats: int, cuda: bool) -> float:
     return 1e3 * times[len(times) // 2]
 
 
-def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: int) -> dict:
+def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: int,
+                candidate: tuple[str, str] = ("gsplat", "cuda")) -> dict:
+    """Compare `candidate` (backend, device) with the CPU rasterizer on one seeded scene."""
     import torch
+
+    cand_backend, cand_device = candidate
+    cuda = cand_device == "cuda"
 
     from lrf.bench import make_scene
 
@@ -82,7 +91,7 @@ def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: 
     scene["background"] = torch.rand(c, generator=g)
     cot = (torch.randn(h, w, c, generator=g), torch.randn(h, w, generator=g))
 
-    gs_out, gs_grad = _render(scene, "gsplat", "cuda", cot)
+    gs_out, gs_grad = _render(scene, cand_backend, cand_device, cot)
     cpu_out, cpu_grad = _render(scene, "cpu", "cpu", cot)
 
     def max_abs(a, b):
@@ -90,11 +99,11 @@ def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: 
 
     diff = (gs_out["image"].cpu().double() - cpu_out["image"].double()).abs().flatten()
     res = {
-        "n": n, "channels": c, "width": w, "height": h, "seed": seed,
+        "n": n, "channels": c, "width": w, "height": h, "seed": seed, "candidate": cand_backend,
         "image_max_abs": diff.max().item(),
         "image_p999": diff.kthvalue(max(1, int(0.999 * diff.numel()))).values.item(),
         "alpha_max_abs": max_abs(gs_out["alpha"], cpu_out["alpha"]),
-        "visible_gsplat": int((gs_out["radii"] > 0).sum()),
+        "visible_candidate": int((gs_out["radii"] > 0).sum()),
         "visible_cpu": int((cpu_out["radii"] > 0).sum()),
         "radii_mismatch": int((gs_out["radii"].cpu() != cpu_out["radii"]).sum()),
         "grad_rel": {},
@@ -112,12 +121,13 @@ def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: 
     def run(backend: str, device: str):
         return lambda: _render(scene, backend, device, cot)
 
-    res["ms_fwd_bwd_gsplat"] = _timed(run("gsplat", "cuda"), repeats, cuda=True)
+    res[f"ms_fwd_bwd_{cand_backend}"] = _timed(run(cand_backend, cand_device), repeats, cuda=cuda)
     res["ms_fwd_bwd_cpu"] = _timed(run("cpu", "cpu"), repeats, cuda=False)
-    try:  # informative only: the pure-PyTorch path run on the GPU
-        res["ms_fwd_bwd_cpu_path_on_cuda"] = _timed(run("cpu", "cuda"), repeats, cuda=True)
-    except Exception as e:  # noqa: BLE001 - report, do not fail the check
-        res["ms_fwd_bwd_cpu_path_on_cuda"] = f"failed: {type(e).__name__}: {e}"
+    if cuda:
+        try:  # informative only: the pure-PyTorch path run on the GPU
+            res["ms_fwd_bwd_cpu_path_on_cuda"] = _timed(run("cpu", "cuda"), repeats, cuda=True)
+        except Exception as e:  # noqa: BLE001 - report, do not fail the check
+            res["ms_fwd_bwd_cpu_path_on_cuda"] = f"failed: {type(e).__name__}: {e}"
     return res
 
 
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dry", action="store_true", help="no GPU: reference renderer for gsplat, tiny scenes")
+    ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,21 +144,39 @@ def main(argv: list[str] | None = None) -> int:
 
     from lrf.render.gsplat_backend import gsplat_available
 
-    report: dict = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
-    if not torch.cuda.is_available() or not gsplat_available():
-        report["error"] = "needs a CUDA device and the gsplat package"
-        print(json.dumps(report, indent=2))
-        return 2
-    import gsplat
+    report: dict = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "dry": args.dry}
+    if args.dry:
+        report["device"] = "cpu (dry: reference renderer in place of gsplat)"
+        candidate, scenes = ("reference", "cpu"), DRY_SCENES
+    else:
+        if not torch.cuda.is_available() or not gsplat_available():
+            report["error"] = "needs a CUDA device and the gsplat package"
+            return _emit(report, args.json, 2)
+        from lrf.render.gsplat_backend import gsplat_problem
 
-    report["gsplat"] = getattr(gsplat, "__version__", "unknown")
-    report["device"] = torch.cuda.get_device_name()
+        problem = gsplat_problem(torch.device("cuda"))
+        if problem:
+            report["error"] = problem
+            return _emit(report, args.json, 2)
+        import gsplat
+
+        report["gsplat"] = getattr(gsplat, "__version__", "unknown")
+        report["device"] = torch.cuda.get_device_name()
+        candidate, scenes = ("gsplat", "cuda"), SCENES
     report["cpu_threads"] = torch.get_num_threads()
     report["tol"] = args.tol
-    report["scenes"] = [check_scene(*s, tol=args.tol, repeats=args.repeats) for s in SCENES]
+    report["scenes"] = [check_scene(*s, tol=args.tol, repeats=args.repeats, candidate=candidate) for s in scenes]
     report["ok"] = all(s["ok"] for s in report["scenes"])
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
+    return _emit(report, args.json, 0 if report["ok"] else 1)
+
+
+def _emit(report: dict, path: str | None, status: int) -> int:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return status
 
 
 if __name__ == "__main__":
