@@ -49,7 +49,6 @@ def test_sigkill_during_fit_then_rerun_is_exact(given_runs, tmp_path, shared_dir
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "field.safetensors").exists(), "killed too late: the run had already finished"
-    assert not list(out.glob(".*.tmp")) or True  # leftovers of an interrupted atomic write are harmless
     done = subprocess.run(_fit_cmd(scene, out), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resum" in done.stderr.lower(), done.stderr[-2000:]

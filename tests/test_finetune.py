@@ -444,38 +444,41 @@ def test_stage3_cli_with_saved_field(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- real data
-FERN = REPO / "results" / "llff" / "fern"
+def fern_subset(run, tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScene:
+    """A few views of the session's real fern SfM run (conftest.given_runs), the first one held
+    out, at reduced size (pixel coords scale exactly with corner-origin pixels), with the
+    correspondences lrf.correspondences mines from their tracks."""
+    from dataclasses import replace
 
+    from lrf.correspondences import mine
 
-def fern_subset(tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScene:
-    """A few fern views at reduced size (pixel coords scale exactly with corner-origin pixels)."""
-    cs = load_corr_scene(FERN / "prepared" / "scene.json", FERN / "correspondences")
+    src = run.result
     tmp.mkdir(parents=True, exist_ok=True)
     cams = []
-    for i in keep:
-        c = cs.scene.cameras[i]
-        with Image.open(cs.scene.image_path(i)) as im:
+    for n, i in enumerate(keep):
+        c = src.cameras[i]
+        with Image.open(src.image_path(i)) as im:
             small = im.convert("RGB").resize((round(c.width * scale), round(c.height * scale)), Image.BOX)
-        small.save(tmp / c.name)
+        name = Path(c.image_path).name
+        small.save(tmp / name)
         s = c.scaled(scale)
-        s.image_path = str(tmp / c.name)
+        s.image_path, s.split = str(tmp / name), ("test" if n == 0 else "train")
         cams.append(s)
-    remap = {o: n for n, o in enumerate(keep)}
-    m = cs.matches[cs.matches.image_i.isin(keep) & cs.matches.image_j.isin(keep)].copy()
-    p = cs.pairs[cs.pairs.image_i.isin(keep) & cs.pairs.image_j.isin(keep)].copy()
-    for df in (m, p):
-        df["image_i"] = df["image_i"].map(remap).astype(np.int32)
-        df["image_j"] = df["image_j"].map(remap).astype(np.int32)
-    for col in ("x_i", "y_i", "x_j", "y_j"):
-        m[col] = (m[col] * scale).astype(np.float32)
-    return CorrScene(Scene(cs.scene.dataset, cs.scene.name, cams), m.reset_index(drop=True), p.reset_index(drop=True))
+    p = src.points
+    sel = np.isin(p.track_image, keep)
+    remap = np.full(len(src.cameras), -1)
+    remap[keep] = np.arange(len(keep))
+    pts = replace(p, track_point=p.track_point[sel], track_image=remap[p.track_image[sel]],
+                  track_xy=p.track_xy[sel] * scale)
+    scene = Scene(src.dataset, src.name, cams, pts, tmp)
+    m, pairs = mine(scene)
+    return CorrScene(scene, m, pairs)
 
 
-@pytest.mark.skipif(not (FERN / "correspondences" / "pairs.parquet").is_file(), reason="no fern results")
-def test_fern_smoke_heldout_consistency(tmp_path, taef2):
+def test_fern_smoke_heldout_consistency(tmp_path, taef2, given_runs):
     import copy
 
-    cs = fern_subset(tmp_path / "img", [0, 1, 2, 3])
+    cs = fern_subset(given_runs("fern"), tmp_path / "img", [0, 1, 2, 3])
     assert cs.scene.test == [0] and (cs.pairs.split == "heldout").any()
     vae = copy.deepcopy(taef2)
     # 12 steps at lr 3e-5: held-out L1 fell 18-19% for seeds 0-3, recon PSNR fell 0.3-0.5 dB
