@@ -5,7 +5,7 @@ Three kinds share one code path so their numbers are comparable:
 - `rgb`: an RGB field rendered at the working resolution (the RGB-3DGS baseline);
 - `ceiling`: no field, decode(encode(photo)) (the VAE's own limit).
 
-    python -m lrf.evaluate --scene results/D/S/sfm/scene.json --kind latent --method vanilla \
+    python -m lrf.evaluate --scene results/D/S/prepared/scene.json --kind latent --method vanilla \
         --field results/D/S/fields/vanilla/field.safetensors --vae '{...}' --weights-dir W --out results/D/S/eval/vanilla
 
 Writes metrics.json (quality only: the same config and seed give the same bytes, so two runs can
