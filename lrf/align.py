@@ -20,44 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lrf.cli import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, deterministic, image_tensor,
+from lrf.errors import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, deterministic, image_tensor,
                                  latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
                                  optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
                                  save_module, say, tensors_sha256, trim8, write_curve)
+from lrf.field.io import field_background, load_field, render_at, save_field
 from lrf.io import atomic_write_json
+from lrf.settings import AlignConfig
 from lrf.scene.model import Scene
 
 CURVE_COLUMNS = ("step", "loss", "l1", "dssim", "lpips", "seconds")
-
-
-@dataclass
-class AlignConfig(TrainConfig):
-    steps: int = 300
-    batch: int = 1                # views per step
-    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells
-    lr: float = 5e-5              # the decoder copy (Adam)
-    w_lpips: float = 0.0          # photometric loss: L1 + w_dssim * D-SSIM + w_lpips * LPIPS
-    w_dssim: float = 0.2
-    features_lr: float = 2.5e-3   # the field's parameters (Adam), as 3DGS' late-phase rates
-    opacities_lr: float = 0.01
-    scales_lr: float = 1e-3
-    quats_lr: float = 1e-3
-    means_lr: float = 1.6e-6      # x scene extent (3DGS' final means rate)
-    tune_decoder: bool = True     # False: only the field moves (the decoder stays as given)
-    backend: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        for k in ("w_dssim", "features_lr", "opacities_lr", "scales_lr", "quats_lr", "means_lr"):
-            if getattr(self, k) < 0:
-                raise InputError(f"AlignConfig: {k} must be >= 0")
 
 
 def _field_lrs(cfg: AlignConfig, extent: float) -> dict[str, float]:
@@ -67,10 +46,7 @@ def _field_lrs(cfg: AlignConfig, extent: float) -> dict[str, float]:
 
 def render_latent(field, cam, background, backend: str) -> torch.Tensor:
     """[C, H//8, W//8] render of one view (differentiable)."""
-    K = cam.K.copy()
-    K[:2] *= 1.0 / DOWNSCALE
-    r = field.render(cam.w2c, K, cam.width // DOWNSCALE, cam.height // DOWNSCALE, background, backend)
-    return r.image.permute(2, 0, 1)
+    return render_at(field, cam, DOWNSCALE, background, backend).image.permute(2, 0, 1)
 
 
 @torch.no_grad()
@@ -88,7 +64,6 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
                 progress: bool = True) -> dict | None:
     """Refine `field` and vae.decoder in place on the training views; write the aligned field,
     decoder, curve and align.json to out_dir. Returns None when stopped early at `stop_at`."""
-    from lrf.field import save_field
     from lrf.field.losses import d_ssim
     from lrf.field.train import scene_scale
 
@@ -217,9 +192,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from lrf.evaluate import field_background
-        from lrf.field import load_field
-        from lrf.vaecfg import load_vae
+        from lrf.vae.factory import load_vae
 
         torch.set_num_threads(args.threads)
         try:

@@ -16,6 +16,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from lrf.errors import DownloadError
 from lrf.io import atomic_path
 
 TAESD = "https://github.com/madebyollin/taesd/raw/main/{name}"
@@ -28,10 +29,6 @@ ARCHIVES = {
     "mipnerf360": ("http://storage.googleapis.com/gresearch/refraw360/360_v2.zip", {"": "mipnerf360"}),
 }
 WHAT = ("weights", *ARCHIVES)
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:

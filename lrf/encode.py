@@ -43,7 +43,7 @@ def load_latents(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def main(argv=None) -> int:
     from lrf.cli import run_main
-    from lrf.vaecfg import load_vae
+    from lrf.vae.factory import load_vae
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scene", required=True, type=Path)

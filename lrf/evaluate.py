@@ -22,22 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.field.io import field_background, render_at
 from lrf.io import atomic_write_json
 from lrf.scene.images import save_png
 from lrf.scene.model import Scene
 
 TRAIN_VIEWS = 8  # training views scored per scene for the fit-vs-generalisation diagnosis
-
-
-def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
-    """The background the field was fitted with (stored beside it), so renders match training."""
-    meta_path = field_path.with_suffix(".json")
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        bg = meta.get("background_value")
-        if bg is not None:
-            return torch.tensor(bg, dtype=torch.float32)
-    return None
 
 
 @torch.no_grad()
@@ -51,16 +41,12 @@ def predict(scene: Scene, i: int, kind: str, vae=None, field=None, background=No
         photo = torch.from_numpy(scene.load_image(i)).permute(2, 0, 1)[None]
         pred = vae.decode(vae.encode(photo))
     elif kind == "latent":
-        K = cam.K.copy()
-        K[:2] *= 1.0 / vae.downscale
-        out = field.render(cam.w2c, K, cam.width // vae.downscale, cam.height // vae.downscale, background, backend)
+        out = render_at(field, cam, vae.downscale, background, backend)
         render_ms = (time.perf_counter() - t0) * 1e3
         pred = vae.decode(out.image.permute(2, 0, 1)[None])
     elif kind == "rgb":
         k = rgb_downscale
-        K = cam.K.copy()
-        K[:2] /= k
-        out = field.render(cam.w2c, K, cam.width // k, cam.height // k, background, backend)
+        out = render_at(field, cam, k, background, backend)
         render_ms = (time.perf_counter() - t0) * 1e3
         pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
         if k != 1:  # a field fitted at 1/k is scored at the photo's size, upsampled
@@ -144,7 +130,7 @@ def main(argv=None) -> int:
     def go():
         from lrf.gpu import select
         from lrf.metrics import LPIPS
-        from lrf.vaecfg import load_vae
+        from lrf.vae.factory import load_vae
 
         torch.manual_seed(0)
         torch.set_num_threads(args.threads)

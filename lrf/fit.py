@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from lrf.cli import InputError
+from lrf.errors import InputError
 from lrf.scene.model import Scene
+from lrf.settings import FieldConfig, check_overrides
 
 
 def downscale_image(img: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,12 +43,7 @@ def build_targets(scene: Scene, kind: str, latents: Path | None, downscale: int 
 
 
 def field_config(overrides: dict, rgb: bool, seed: int):
-    from lrf.field import FieldConfig
-
-    names = {f.name for f in dataclasses.fields(FieldConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise InputError(f"field config: unknown key(s) {', '.join(bad)}")
+    check_overrides(FieldConfig, overrides)  # names and types (the workflow checked them before the DAG)
     return FieldConfig(**{**overrides, "rgb": rgb, "seed": seed})
 
 

@@ -3,7 +3,7 @@
     python -m lrf.gpu [--load] [--require]   # JSON: torch, its CUDA, the GPU, gsplat (and its kernels)
 
 Steps that render (`lrf.fit`, `lrf.evaluate`) or run the VAE (`lrf.encode`, and stages 1/3
-through `lrf.vaecfg.load_vae`) resolve two settings here before any work:
+through `lrf.vae.factory.load_vae`) resolve two settings here before any work:
 
 - device `auto`: CUDA when torch sees a GPU, else the CPU; `cuda`: a GPU is required (the
   workflow passes it for rules with `resources.<rule>.gpu > 0`), and without one the step stops
@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from lrf.cli import InputError
+from lrf.errors import InputError
 from lrf.render import BACKENDS
 from lrf.render.gsplat_backend import GsplatError, gsplat_problem
 

@@ -4,14 +4,17 @@ One table, read by the workflow and the report, so that adding a method is one e
 """
 from __future__ import annotations
 
+# The order here is the report's order (lrf.report), and every other list of method names (the
+# config schema's enums, the workflow's wildcard constraints) is derived from this table or checked
+# against it (tests/test_config.py).
 # kind: latent (a field of VAE latents), rgb (a colour field), ceiling (no field)
 # encoder / decoder: "pretrained", or "tuned" (stage 1 encoder / stage 3 decoder)
 # per_scene: the field and a copy of the decoder are then refined on this scene's training
 #   photos (lrf.align), starting from the method named by `base`.
 METHODS = {
     "vae-ceiling": {"kind": "ceiling", "encoder": "pretrained", "decoder": "pretrained"},
-    "vanilla": {"kind": "latent", "encoder": "pretrained", "decoder": "pretrained"},
     "rgb-3dgs": {"kind": "rgb", "encoder": None, "decoder": None},
+    "vanilla": {"kind": "latent", "encoder": "pretrained", "decoder": "pretrained"},
     "enc": {"kind": "latent", "encoder": "tuned", "decoder": "pretrained"},
     "dec": {"kind": "latent", "encoder": "pretrained", "decoder": "tuned"},
     "full": {"kind": "latent", "encoder": "tuned", "decoder": "tuned"},

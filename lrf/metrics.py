@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lrf.vae.base import WeightsError, describe_error
+from lrf.errors import WeightsError, describe_error
 
 __all__ = ["psnr", "ssim", "LPIPS", "default_lpips_dir"]
 

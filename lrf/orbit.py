@@ -9,7 +9,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lrf.scene.model import Scene
@@ -17,15 +16,13 @@ from lrf.scene.model import Scene
 
 @torch.no_grad()
 def orbit_frames(scene: Scene, field, kind: str, n_frames: int, vae=None, background=None, rgb_downscale: int = 1):
-    from lrf.field import orbit_path
+    from lrf.field import orbit_path, render_at
 
     cam = scene.cameras[scene.train[0] if scene.train else 0]
     k = vae.downscale if kind == "latent" else rgb_downscale
-    K = cam.K.copy()
-    K[:2] /= k
     frames = []
     for w2c in orbit_path(scene, n_frames):
-        out = field.render(w2c, K, cam.width // k, cam.height // k, background, "auto")
+        out = render_at(field, cam, k, background, "auto", w2c=w2c)
         img = out.image.permute(2, 0, 1)[None]
         if kind == "latent":
             img = vae.decode(img)
@@ -52,9 +49,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from lrf.evaluate import field_background
-        from lrf.field import load_field, write_video
-        from lrf.vaecfg import load_vae
+        from lrf.field import field_background, load_field, write_video
+        from lrf.vae.factory import load_vae
 
         torch.set_num_threads(args.threads)
         scene = Scene.load(args.scene)

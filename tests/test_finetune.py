@@ -431,7 +431,7 @@ def test_stage3_cli_with_saved_field(tmp_path, capsys):
     doc = json.loads((tmp_path / "o" / "alignment.json").read_text())
     assert set(doc["scenes"]["synthetic/field"]) == {"rendered_train", "rendered_test", "clean_test"}
     assert doc["overall"]["rendered_test"]["before"]["views"] == 1
-    from lrf.vaecfg import load_vae
+    from lrf.vae.factory import load_vae
 
     tuned = load_vae({"kind": "taef2", "source": "{weights}/taef2", "decoder": str(tmp_path / "o" / "decoder.safetensors")},
                      SHARED / "weights")

@@ -129,7 +129,7 @@ def test_steps_print_one_error_line(tmp_path):
 def test_load_vae_on_missing_cuda_is_one_line(tmp_path):
     """Stages 1 and 3 get device cuda from a GPU request; load_vae stops them in one line."""
     from lrf.cli import InputError
-    from lrf.vaecfg import load_vae
+    from lrf.vae.factory import load_vae
 
     if torch.cuda.is_available():
         pytest.skip("a machine with a GPU")

@@ -114,7 +114,7 @@ def test_stage1_never_sees_held_out_views(twins, tmp_path):
 
 
 def test_stage3_never_sees_held_out_views(twins, fitted, tmp_path):
-    from lrf.evaluate import field_background
+    from lrf.field import field_background
     from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
 
     dec = {}
@@ -132,7 +132,7 @@ def test_stage3_never_sees_held_out_views(twins, fitted, tmp_path):
 
 def test_per_scene_alignment_never_sees_held_out_views(twins, fitted, tmp_path):
     from lrf.align import AlignConfig, align_scene
-    from lrf.evaluate import field_background
+    from lrf.field import field_background
     from lrf.field import load_field
 
     out = {}

@@ -56,11 +56,12 @@ def make_tree(root: Path, weights: Path) -> Path:
     """results/syn/arc/{prepared,fields,align,eval}, results/vae/taef2/stage3/decoder.safetensors."""
     from safetensors.torch import save_file
 
-    from lrf.evaluate import evaluate, field_background
+    from lrf.evaluate import evaluate
+    from lrf.field import field_background
     from lrf.field import save_field
     from lrf.scene.images import save_png
     from lrf.scene.model import Camera, Scene
-    from lrf.vaecfg import load_vae
+    from lrf.vae.factory import load_vae
 
     results = root / "results"
     sd = results / "syn" / "arc"

@@ -6,13 +6,13 @@ The field's rows and the Adam moments must stay aligned, so every edit goes thro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from lrf.field.gaussians import GaussianField, quat_to_rotmat
+from lrf.settings import DensifyConfig
 
 # ---------------------------------------------------------------- optimizer-consistent edits
 
@@ -65,23 +65,6 @@ def replace_param(params, optimizer, name: str, value: torch.Tensor, reset_state
 
 
 # ---------------------------------------------------------------- the schedule
-
-
-@dataclass
-class DensifyConfig:
-    """3DGS / gsplat DefaultStrategy defaults; scene_scale is 1.1x the camera radius."""
-
-    refine_start: int = 500
-    refine_stop: int = 15_000
-    refine_every: int = 100
-    reset_every: int = 3_000
-    pause_refine_after_reset: int = 0
-    grow_grad2d: float = 2e-4
-    grow_scale3d: float = 0.01
-    prune_scale3d: float = 0.1
-    prune_opa: float = 0.005
-    split_scale_div: float = 1.6
-    max_gaussians: int = 1_000_000
 
 
 class DensifyStrategy:

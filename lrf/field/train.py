@@ -20,67 +20,16 @@ import numpy as np
 import torch
 
 from lrf.field.gaussians import GaussianField, init_features_from_tracks
+from lrf.field.io import save_field, save_ply
 from lrf.field.losses import ChannelNorm, DEFAULT_SSIM_RANGE, field_loss
-from lrf.field.strategy import DensifyConfig, DensifyStrategy
-from lrf.checkpoint import CKPT_META, CKPT_NAME, load_checkpoint, safetensors_header, save_checkpoint
-from lrf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lrf.field.strategy import DensifyStrategy
+from lrf.settings import FieldConfig
+from lrf.checkpoint import CKPT_META, CKPT_NAME, load_checkpoint, save_checkpoint
+from lrf.io import atomic_write_json, atomic_write_text
 
 FIELD_NAME, FIELD_META, LOG_NAME = "field.safetensors", "field.json", "train_log.csv"
 # Settings that may change between a run and its resumption without invalidating it.
 _RESUME_FREE = {"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss", "backend", "device", "export_ply"}
-
-
-@dataclass
-class FieldConfig:
-    """Training settings; learning rates follow 3DGS (means scaled by the scene extent)."""
-
-    iterations: int = 30_000
-    sh_degree: int = 0
-    sh_degree_interval: int = 1000       # raise the active SH degree every this many steps
-    rgb: bool = False                    # RGB field: +0.5 SH offset and clamp (off for latents)
-    means_lr: float = 1.6e-4             # x scene extent, decays exponentially ...
-    means_lr_final: float = 1.6e-6       # ... to this x extent at the last step
-    features_lr: float = 2.5e-3
-    features_rest_lr_div: float = 20.0
-    opacities_lr: float = 0.05
-    scales_lr: float = 5e-3
-    quats_lr: float = 1e-3
-    adam_eps: float = 1e-15
-    lambda_dssim: float = 0.2
-    normalize: bool = True               # ChannelNorm the maps before the loss
-    ssim_data_range: float | None = None  # None: 4.0 on normalised maps, 1.0 on raw ones
-    # densification (DensifyConfig)
-    densify: bool = True
-    refine_start: int = 500
-    refine_stop: int = 15_000
-    refine_every: int = 100
-    reset_every: int = 3_000
-    grow_grad2d: float = 2e-4
-    grow_scale3d: float = 0.01
-    prune_scale3d: float = 0.1
-    prune_opa: float = 0.005
-    max_gaussians: int = 1_000_000
-    # initialisation
-    init_opacity: float = 0.1
-    init_scale: float = 1.0
-    random_init_n: int = 100_000
-    random_init_extent: float = 3.0      # x scene extent, cube half-size around the scene focus
-    background: list[float] | str | None = None   # None (renderer default), "mean" (target mean), or [C]
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 100
-    keep_checkpoint: bool = False        # keep ckpt.safetensors after the final field is written
-    eval_loss: bool = True               # mean loss over all training views at start and end
-    export_ply: bool = False             # also write point_cloud.ply
-    backend: str = "auto"
-    device: str = "auto"
-
-    def densify_config(self) -> DensifyConfig:
-        return DensifyConfig(refine_start=self.refine_start, refine_stop=self.refine_stop,
-                             refine_every=self.refine_every, reset_every=self.reset_every,
-                             grow_grad2d=self.grow_grad2d, grow_scale3d=self.grow_scale3d,
-                             prune_scale3d=self.prune_scale3d, prune_opa=self.prune_opa,
-                             max_gaussians=self.max_gaussians)
 
 
 @dataclass
@@ -140,8 +89,6 @@ def _means_lr(cfg: FieldConfig, extent: float, step: int) -> float:
     return cfg.means_lr * extent * (cfg.means_lr_final / cfg.means_lr) ** frac
 
 
-_safetensors_header = safetensors_header
-
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -186,28 +133,6 @@ def _write_log(out_dir: Path, rows: list) -> None:
 
 
 # ---------------------------------------------------------------- public API
-
-
-def save_field(field: GaussianField, path: str | Path, meta: dict | None = None) -> None:
-    """Parameters as safetensors (raw: log-scales, logits, SH coeffs) with JSON metadata."""
-    from safetensors.torch import save
-
-    md = {"rgb_offset": json.dumps(field.rgb_offset), "sh_degree": str(field.sh_degree),
-          "channels": str(field.channels)}
-    if meta:
-        md["lrf"] = json.dumps(meta)
-    atomic_write_bytes(path, save(field.tensors(), metadata=md))
-
-
-def load_field(path: str | Path, device="cpu") -> GaussianField:
-    from safetensors.torch import load
-
-    raw = Path(path).read_bytes()
-    md = _safetensors_header(raw).get("__metadata__", {})
-    f = GaussianField.from_tensors(load(raw), rgb_offset=json.loads(md.get("rgb_offset", "false")))
-    return f.to(device)
-
-
 @torch.no_grad()
 def evaluate_loss(field: GaussianField, views: list[tuple], norm: ChannelNorm, cfg: FieldConfig,
                   background=None) -> float:
@@ -396,8 +321,6 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
                    "train_views": train_ids, "scene": scene.key, "resumed_from": resumed_from}
         save_field(field, out_dir / FIELD_NAME, {k: summary[k] for k in ("channel_norm", "sh_degree", "channels")})
         if cfg.export_ply:
-            from lrf.field.ply import save_ply
-
             save_ply(field, out_dir / "point_cloud.ply")
         _write_log(out_dir, state["log"])
         atomic_write_json(out_dir / FIELD_META, summary)

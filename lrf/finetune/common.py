@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -20,83 +19,20 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lrf.cli import InputError
+from lrf.errors import InputError
 from lrf.io import atomic_write_bytes, atomic_write_text
+from lrf.settings import DOWNSCALE
 
-DOWNSCALE = 8
 
 
 # ----------------------------------------------------------------------------- config
-@dataclass
-class TrainConfig:
-    """Settings both stages share; stages subclass it with their own loss weights."""
-
-    steps: int = 2000
-    lr: float = 1e-4              # Adam
-    batch: int = 4                # stage 1: image pairs (2 crops each); stage 3: crops
-    crop: int = 128               # crop side in pixels (a multiple of 8)
-    w_lpips: float = 1.0          # recon = L1 + w_lpips * LPIPS (as in the LDM autoencoder recipe)
-    lpips_net: str = "alex"
-    seed: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 25
-    keep_checkpoint: bool = False  # keep ckpt.safetensors once the final weights are written
-    device: str = "cpu"
-
-    # Keys that may change between a run and its resumption without invalidating it: `steps`
-    # only moves the end (the learning rate is constant), the rest do not touch the maths.
-    RESUME_FREE: ClassVar[frozenset] = frozenset({"steps", "checkpoint_every", "log_every",
-                                                  "keep_checkpoint", "device"})
-
-    @classmethod
-    def from_overrides(cls, overrides: dict | None = None):
-        """Config from JSON overrides, with a one-line InputError for unknown keys or bad types."""
-        overrides = dict(overrides or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - set(fields))
-        if bad:
-            raise InputError(f"{cls.__name__}: unknown key(s) {', '.join(bad)}; "
-                             f"known: {', '.join(sorted(fields))}")
-        defaults = cls()
-        for k, v in overrides.items():
-            ref = getattr(defaults, k)
-            ok = (isinstance(v, bool) if isinstance(ref, bool)
-                  else isinstance(v, int) and not isinstance(v, bool) if isinstance(ref, int)
-                  else isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(ref, float)
-                  else isinstance(v, str) if isinstance(ref, str) else True)
-            if not ok:
-                raise InputError(f"{cls.__name__}: {k} must be {type(ref).__name__}, got {v!r}")
-            if isinstance(ref, float):
-                overrides[k] = float(v)
-        cfg = cls(**overrides)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        name = type(self).__name__
-        if self.crop <= 0 or self.crop % DOWNSCALE:
-            raise InputError(f"{name}: crop must be a positive multiple of {DOWNSCALE}, got {self.crop}")
-        for k in ("steps", "checkpoint_every", "log_every"):
-            if getattr(self, k) < 0:
-                raise InputError(f"{name}: {k} must be >= 0")
-        if self.batch < 1:
-            raise InputError(f"{name}: batch must be >= 1")
-        if self.lr <= 0:
-            raise InputError(f"{name}: lr must be > 0")
-        if self.lpips_net not in ("alex", "vgg"):
-            raise InputError(f"{name}: lpips_net must be 'alex' or 'vgg'")
-
-    def fingerprint(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
-
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -199,7 +135,7 @@ from lrf.checkpoint import (CKPT_META, CKPT_NAME, CKPT_VERSION, load_checkpoint,
 
 
 def save_module(path: str | Path, module: torch.nn.Module, meta: dict | None = None) -> None:
-    """A module's state_dict as float32 safetensors (what lrf.vaecfg.load_vae swaps in)."""
+    """A module's state_dict as float32 safetensors (what lrf.vae.factory.load_vae swaps in)."""
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()

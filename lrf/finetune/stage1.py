@@ -55,49 +55,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lrf.cli import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, crop_origin, deterministic,
+from lrf.errors import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, crop_origin, deterministic,
                                  image_tensor, inside, load_checkpoint, load_lpips, load_optimizer_tensors,
                                  optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, sample_latents,
                                  save_checkpoint, save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
 from lrf.io import atomic_write_json
+from lrf.settings import Stage1Config
 from lrf.scene.model import Scene
 
 CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "seconds")
-PAIR_SAMPLING = ("matches", "weight_matches", "uniform")
-CORR_LOSSES = ("l1", "ratio")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Stage1Config(TrainConfig):
-    lr: float = 2e-5              # 1e-4 cost fern 1-2.5 dB recon PSNR within 5 steps (Adam's first
-    #                               steps move every weight by ~lr); a pretrained encoder wants less
-    lambda_corr: float = 1.0
-    w_stats: float = 1.0          # deterministic encoders (TAESD family)
-    w_kl: float = 1e-6            # KL autoencoders (the LDM autoencoder's KL weight)
-    pair_sampling: str = "matches"
-    corr_margin: float = 8.0      # px: matches nearer a crop edge are skipped (zero padding there)
-    w_equiv: float = 0.0          # warp equivariance (EQ-VAE style): E(warp(x)) vs warp(E(x)) for a
-    equiv_shift: float = 8.0      # random sub-cell shift (px, up to), scale and rotation per crop;
-    equiv_scale: float = 0.1      # dense, needs no correspondences: the aliasing that makes latents
-    equiv_rotate_deg: float = 5.0  # of one 3D point disagree between views
-    corr_loss: str = "l1"         # "l1": matched L1; "ratio": matched L1 / L1 of the same latents at
-    #                               non-matching pixels (scale-free: shrinking latents cannot lower it)
-    w_anchor: float = 1.0         # L1 to the pretrained encoder's latents (0: off). Lego-tuned,
-    #                               150 steps, fern never seen: off -> held-out corr ratio
-    #                               0.506 -> 0.481 but recon 27.39 -> 25.66 dB; 1.0 -> 0.495 and 26.91
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pair_sampling not in PAIR_SAMPLING:
-            raise InputError(f"Stage1Config: pair_sampling must be one of {', '.join(PAIR_SAMPLING)}")
-        if self.w_equiv > 0 and self.crop < 48:
-            raise InputError("Stage1Config: w_equiv needs crop >= 48 (the term skips 2 latent cells at each border)")
-        if self.corr_loss not in CORR_LOSSES:
-            raise InputError(f"Stage1Config: corr_loss must be one of {', '.join(CORR_LOSSES)}")
-        if not 0 <= self.corr_margin < self.crop / 2:
-            raise InputError("Stage1Config: corr_margin must be in [0, crop/2)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -592,7 +560,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from lrf.vaecfg import load_vae
+        from lrf.vae.factory import load_vae
 
         torch.set_num_threads(args.threads)
         spec, over = spec_and_overrides(args)

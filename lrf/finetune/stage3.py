@@ -33,32 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrf.cli import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, TrainConfig, deterministic, image_tensor,
+from lrf.errors import InputError
+from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, deterministic, image_tensor,
                                  latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
                                  optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
                                  save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
+from lrf.field.io import field_background, load_field, render_at
 from lrf.io import atomic_write_json
+from lrf.settings import Stage3Config
 from lrf.scene.model import Scene
 
 CURVE_COLUMNS = ("step", "loss", "l1", "lpips", "clean", "seconds")
-
-
-@dataclass
-class Stage3Config(TrainConfig):
-    lr: float = 2e-5              # lego-tuned, 150 steps, fern never seen (rendered / clean test
-    clean_fraction: float = 0.5   # PSNR, before 19.37 / 24.94): lr 5e-5 + clean 0.25 -> 18.47 /
-    #                               21.34; lr 2e-5 + clean 0.5 -> 18.94 / 22.73 (in-domain clean
-    #                               28.11 -> 27.81 instead of 25.59). One tuning scene drifts the
-    #                               decoder; more and more varied scenes are the real remedy.
-    backend: str = "auto"         # rasteriser for the one-off renders
-
-    RESUME_FREE = TrainConfig.RESUME_FREE | {"backend"}  # renders are pinned by their hash instead
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.clean_fraction <= 1.0:
-            raise InputError("Stage3Config: clean_fraction must be in [0, 1]")
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,9 +62,6 @@ class AlignScene:
 
 
 def load_align_scene(scene_json: str | Path, field_path: str | Path) -> AlignScene:
-    from lrf.evaluate import field_background
-    from lrf.field import load_field
-
     if not Path(scene_json).is_file():
         raise InputError(f"{scene_json}: scene file missing")
     scene = Scene.load(scene_json)
@@ -99,9 +81,7 @@ def render_latents(a: AlignScene, ids, backend: str = "auto") -> dict[int, torch
     out = {}
     for i in ids:
         cam = a.scene.cameras[i]
-        K = cam.K.copy()
-        K[:2] *= 1.0 / DOWNSCALE
-        r = a.field.render(cam.w2c, K, cam.width // DOWNSCALE, cam.height // DOWNSCALE, a.background, backend)
+        r = render_at(a.field, cam, DOWNSCALE, a.background, backend)
         out[i] = r.image.detach().permute(2, 0, 1).float().cpu().contiguous()
     return out
 
@@ -329,7 +309,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from lrf.vaecfg import load_vae
+        from lrf.vae.factory import load_vae
 
         torch.set_num_threads(args.threads)
         spec, over = spec_and_overrides(args)

@@ -20,15 +20,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from lrf.cli import InputError
-
-
-class GsplatError(InputError):
-    """gsplat is required (CUDA tensors, backend auto or gsplat) but cannot be used.
-
-    The message starts with ``gsplat: `` and fits one line; steps prefix the scene, so a run
-    prints ``ERROR <dataset>/<scene>: gsplat: <reason>``.
-    """
+from lrf.errors import GsplatError
 
 
 def gsplat_available() -> bool:

@@ -25,7 +25,7 @@ LABEL = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_alex": "LPIPS-alex ↓",
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips_alex": False, "lpips_vgg": False}
 
 
-METHOD_ORDER = ("vae-ceiling", "rgb-3dgs", "vanilla", "enc", "dec", "full", "vanilla-ps", "full-ps")
+METHOD_ORDER = tuple(METHODS)  # lrf.methods lists them in the report's order
 
 
 GRID_METHODS = ("vanilla", "full", "rgb-3dgs")

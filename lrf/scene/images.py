@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lrf.errors import SceneError
+from lrf.io import atomic_path
+
 
 def read_rgb(path: str | Path, scene: str = "?") -> np.ndarray:
     """float32 [H, W, 3] in [0, 1]; RGBA is composited on white (the NeRF-synthetic habit)."""
-    from lrf.scene.model import SceneError
-
     path = Path(path)
     if not path.exists():
         raise SceneError(scene, path, "image file is missing")
@@ -27,8 +28,6 @@ def read_rgb(path: str | Path, scene: str = "?") -> np.ndarray:
 
 def image_size(path: str | Path, scene: str = "?") -> tuple[int, int]:
     """(width, height) from the header, with the same one-line error as read_rgb."""
-    from lrf.scene.model import SceneError
-
     path = Path(path)
     if not path.exists():
         raise SceneError(scene, path, "image file is missing")
@@ -56,8 +55,6 @@ def working_size(width: int, height: int, max_side: int | None = None, downscale
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> None:
-    from lrf.io import atomic_path
-
     arr = np.clip(np.round(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")

@@ -13,18 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lrf.errors import SceneError
 from lrf.io import atomic_write_bytes, atomic_write_text
+from lrf.scene.images import read_rgb
 
 SPLITS = ("train", "test")
-
-
-class SceneError(RuntimeError):
-    """Bad input for one scene. The message is one line naming the scene, the file and why."""
-
-    def __init__(self, scene: str, path: str | Path | None, reason: str):
-        self.scene, self.path, self.reason = scene, path, reason
-        where = f"{scene}: {path}: " if path is not None else f"{scene}: "
-        super().__init__(where + reason)
 
 
 @dataclass
@@ -147,8 +140,6 @@ class Scene:
 
     def load_image(self, i: int) -> np.ndarray:
         """RGB float32 [H, W, 3] in [0, 1] (alpha composited on white)."""
-        from lrf.scene.images import read_rgb
-
         img = read_rgb(self.image_path(i), scene=self.key)
         c = self.cameras[i]
         if img.shape[:2] != (c.height, c.width):

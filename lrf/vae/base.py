@@ -8,37 +8,13 @@ further normalisation).  Backends differ only in how they map to and from that s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
+
 
 TAESD_KINDS = ("taesd", "taef1", "taef2")
 DIFFUSERS_KINDS = ("diffusers-kl", "diffusers-tiny")
 KINDS = TAESD_KINDS + DIFFUSERS_KINDS
-
-
-class WeightsError(ValueError):
-    """A weight file/folder is missing, unreadable or does not fit the architecture.
-
-    The message is always one line, ``"<kind>: <path>: <reason>"``, so that a CLI can print
-    it as is instead of a stack of torch internals.
-    """
-
-    def __init__(self, kind: str, path: str | Path, reason: str):
-        self.kind = kind
-        self.path = Path(path)
-        self.reason = " ".join(str(reason).split())  # force a single line
-        super().__init__(f"{kind}: {path}: {self.reason}")
-
-
-def describe_error(exc: BaseException, limit: int = 160) -> str:
-    """Exception type plus its first sentence, short enough for a one-line WeightsError."""
-    lines = str(exc).strip().splitlines()
-    text = (lines[0] if lines else "").split(". ")[0]
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Autoencoder(nn.Module):
@@ -126,30 +102,3 @@ class Autoencoder(nn.Module):
                 f"got {tuple(latents.shape)}"
             )
         return latents, squeeze
-
-
-def build_autoencoder(
-    kind: str,
-    source: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Autoencoder:
-    """Build a pretrained autoencoder of ``kind`` from ``source``.
-
-    ``source`` is a folder with ``<kind>_encoder.pth``/``<kind>_decoder.pth`` for the TAESD
-    family, or a hub id / local folder for ``diffusers.from_pretrained`` otherwise.  The model
-    is returned in eval mode with all parameters frozen; stages unfreeze what they train.
-    """
-    if kind in TAESD_KINDS:
-        from .taesd import TinyAutoencoder
-
-        model: Autoencoder = TinyAutoencoder.from_folder(kind, source)
-    elif kind in DIFFUSERS_KINDS:
-        from .diffusers_backend import DiffusersAutoencoder
-
-        model = DiffusersAutoencoder.from_pretrained(kind, source)
-    else:
-        raise ValueError(f"unknown autoencoder kind {kind!r}; expected one of {', '.join(KINDS)}")
-    model = model.to(device=device, dtype=dtype)
-    model.eval().requires_grad_(False)
-    return model

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .base import DIFFUSERS_KINDS, Autoencoder, WeightsError, describe_error
+from lrf.errors import WeightsError, describe_error
+from lrf.vae.base import DIFFUSERS_KINDS, Autoencoder
 
 
 def _model_class(kind: str):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .base import TAESD_KINDS, Autoencoder, WeightsError, describe_error
+from lrf.errors import WeightsError, describe_error
+from lrf.vae.base import TAESD_KINDS, Autoencoder
 
 LATENT_CHANNELS = {"taesd": 4, "taef1": 16, "taef2": 32}
 WIDTH = 64

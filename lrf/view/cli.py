@@ -65,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--scene-json", type=Path, default=None, help="field file: its scene (cameras, photos)")
     ap.add_argument("--decoder", type=Path, default=None, help="field file: a fine-tuned decoder.safetensors")
     ap.add_argument("--name", default=None, help="field file: the method name to show")
-    ap.add_argument("--vae", default=None, help="JSON VAE spec (lrf.vaecfg); default: config/config.yaml's")
+    ap.add_argument("--vae", default=None, help="JSON VAE spec (lrf.vae.factory); default: config/config.yaml's")
     ap.add_argument("--vae-name", default=None, help="results/vae/<name>/ of the tuned decoder (default: config's)")
     ap.add_argument("--weights-dir", type=Path, default=None, help="default: $LRF_WEIGHTS_DIR or <shared>/weights")
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
@@ -108,7 +108,7 @@ def serve(args) -> str | None:
     from lrf.view.app import Viewer, ViewSettings
     from lrf.view.render import Renderer
     from lrf.view.sources import check_channels
-    from lrf.vaecfg import load_vae
+    from lrf.vae.factory import load_vae
 
     if args.threads:
         torch.set_num_threads(args.threads)

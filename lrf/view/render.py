@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.field.io import render_at
 from lrf.view.sources import MethodSource
 
 
@@ -88,7 +89,7 @@ class Renderer:
         key = None if decoder is None else Path(decoder)
         with self._lock:
             if key not in self._vaes:
-                from lrf.vaecfg import load_vae
+                from lrf.vae.factory import load_vae
 
                 spec = dict(self.vae_spec)
                 if key is not None:
@@ -107,8 +108,7 @@ class Renderer:
         path = Path(path)
         with self._lock:
             if path not in self._fields:
-                from lrf.evaluate import field_background
-                from lrf.field import load_field
+                from lrf.field import field_background, load_field
 
                 f = load_field(path)
                 f.requires_grad_(False)
@@ -157,15 +157,11 @@ class Renderer:
         field, bg = self.field(m.field)
         if m.kind == "latent":
             vae, _ = self.vae(m.decoder)
-            K = cam.K.copy()
-            K[:2] *= 1.0 / vae.downscale
-            out = field.render(cam.w2c, K, cam.width // vae.downscale, cam.height // vae.downscale, bg, "auto")
+            out = render_at(field, cam, vae.downscale, bg, "auto")
             pred = vae.decode(out.image.permute(2, 0, 1)[None])
         else:
             k = m.rgb_downscale()
-            K = cam.K.copy()
-            K[:2] /= k
-            out = field.render(cam.w2c, K, cam.width // k, cam.height // k, bg, "auto")
+            out = render_at(field, cam, k, bg, "auto")
             pred = out.image.permute(2, 0, 1)[None].clamp(0, 1)
             if k != 1:
                 pred = torch.nn.functional.interpolate(pred, size=(cam.height, cam.width), mode="bilinear",

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrf.cli import InputError
+from lrf.errors import InputError
 
 FIELD = "field.safetensors"
 DECODER = "decoder.safetensors"

@@ -9,6 +9,14 @@ from snakemake.utils import validate
 
 validate(config, "../../config/schemas/config.schema.yaml")
 
+sys.path.insert(0, str(Path(workflow.basedir)))
+from lrf.methods import METHODS, field_name, latent_variant, per_scene  # noqa: E402
+from lrf.settings import check_config  # noqa: E402  (torch-free)
+
+# Every override (field.latent, field.rgb, stage1, stage3, align) against its dataclass, names and
+# types, before any job runs: a typo fails `snakemake -n`, not the stage hours later.
+check_config(config)
+
 SHARED = Path(os.environ.get("LRF_SHARED", config["shared_dir"]))
 DATA_DIR = Path(os.environ.get("LRF_DATA_DIR") or config.get("data_dir") or SHARED / "data")
 WEIGHTS_DIR = Path(os.environ.get("LRF_WEIGHTS_DIR") or config.get("weights_dir") or SHARED / "weights")
@@ -95,8 +103,6 @@ def logged(cmd):
     return (cmd + " > {log} 2>&1 || {{ status=$?; grep -h '^ERROR' {log} >&2 || tail -n 5 {log} >&2; exit $status; }}")
 
 
-sys.path.insert(0, str(Path(workflow.basedir)))
-from lrf.methods import METHODS, field_name, latent_variant, per_scene  # noqa: E402
 import re as _re  # noqa: E402
 
 VAE = config["vae"]
@@ -105,7 +111,7 @@ TUNED_DECODER = f"results/vae/{VAE['name']}/stage3/decoder.safetensors"
 
 
 def vae_spec(encoder=False, decoder=False):
-    """JSON for lrf.vaecfg.load_vae; fine-tuned parts are file paths produced by the workflow
+    """JSON for lrf.vae.factory.load_vae; fine-tuned parts are file paths produced by the workflow
     (`decoder` may be a path itself: a per-scene decoder)."""
     spec = {"kind": VAE["kind"], "source": VAE["source"]}
     if encoder:
@@ -118,6 +124,10 @@ def vae_spec(encoder=False, decoder=False):
 def method_regex(methods):
     """A wildcard constraint matching exactly these method names (they may hold '+' or '.')."""
     return "|".join(_re.escape(m) for m in methods)
+
+
+# The fields fit_field makes: every field a method starts from (lrf.methods.field_name).
+FIELDS = sorted({field_name(m) for m in METHODS if METHODS[m]["kind"] != "ceiling"})
 
 
 # What a method reads, in one place for evaluate, orbit and align: its field, and the VAE parts.

@@ -22,7 +22,7 @@ rule fit_field:
         backend=BACKEND,
         device=device_of("fit_field"),
     wildcard_constraints:
-        field="vanilla|enc|rgb-3dgs",
+        field=method_regex(FIELDS),
     conda:
         CONDA_ENV
     log:

@@ -26,4 +26,4 @@ rule orbit:
     shell:
         logged("{PY} lrf.orbit --scene {input.scene} --field {input.field} --kind {params.kind} --vae {params.vae:q} "
                "--weights-dir {params.weights:q} --frames {params.frames} --rgb-downscale {params.rgb_downscale} "
-               "--out {output.video} && {PY} lrf.field.ply {input.field} {output.ply}")
+               "--out {output.video} && {PY} lrf.field.io {input.field} {output.ply}")

@@ -1,19 +1,66 @@
-"""The standard 3DGS point_cloud.ply layout, for any channel count C.
+"""Field I/O, in one place: a fitted field's safetensors file (save/load), the background it was
+fitted with, rendering it at 1/k of a camera's size, and the standard 3DGS point_cloud.ply.
 
-Stored raw (as 3DGS does): opacity logits, log scales, unnormalised wxyz quaternions, SH
-coefficients. f_rest is channel-major: f_rest_{c*(K-1)+k} is coefficient k+1 of channel c.
-A header comment records the RGB offset flag so latent fields read back the same way.
+PLY: the standard 3DGS point_cloud.ply layout, for any channel count C. Stored raw (as 3DGS
+does): opacity logits, log scales, unnormalised wxyz quaternions, SH coefficients. f_rest is
+channel-major: f_rest_{c*(K-1)+k} is coefficient k+1 of channel c. A header comment records the
+RGB offset flag so latent fields read back the same way.
+
+    python -m lrf.field.io FIELD.safetensors OUT.ply    # export a fitted field for 3DGS viewers
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 
+from lrf.checkpoint import safetensors_header
 from lrf.field.gaussians import GaussianField, sh_degree_from_coeffs
 from lrf.io import atomic_write_bytes
 
+
+# ----------------------------------------------------------------------------- safetensors
+def save_field(field: GaussianField, path: str | Path, meta: dict | None = None) -> None:
+    """Parameters as safetensors (raw: log-scales, logits, SH coeffs) with JSON metadata."""
+    md = {"rgb_offset": json.dumps(field.rgb_offset), "sh_degree": str(field.sh_degree),
+          "channels": str(field.channels)}
+    if meta:
+        md["lrf"] = json.dumps(meta)
+    atomic_write_bytes(path, save(field.tensors(), metadata=md))
+
+
+def load_field(path: str | Path, device="cpu") -> GaussianField:
+    raw = Path(path).read_bytes()
+    md = safetensors_header(raw).get("__metadata__", {})
+    f = GaussianField.from_tensors(load(raw), rgb_offset=json.loads(md.get("rgb_offset", "false")))
+    return f.to(device)
+
+
+def field_background(field_path: Path, channels: int) -> torch.Tensor | None:
+    """The background the field was fitted with (stored beside it), so renders match training."""
+    meta_path = field_path.with_suffix(".json")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        bg = meta.get("background_value")
+        if bg is not None:
+            return torch.tensor(bg, dtype=torch.float32)
+    return None
+
+
+def render_at(field: GaussianField, cam, k: int, background=None, backend: str = "auto",
+              w2c=None):
+    """Render `cam` (or pose `w2c` with cam's intrinsics) at 1/k of its size: K's first two rows
+    divided by k, width // k x height // k. Latent fields render at 1/vae.downscale, RGB fields
+    fitted at 1/rgb_downscale at that. Returns the renderer's output (`.image` is [H, W, C])."""
+    K = cam.K.copy()
+    K[:2] /= k
+    return field.render(cam.w2c if w2c is None else w2c, K, cam.width // k, cam.height // k, background, backend)
+
+
+# ----------------------------------------------------------------------------- PLY
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "<i2", "int16": "<i2",
               "ushort": "<u2", "uint16": "<u2", "int": "<i4", "int32": "<i4", "uint": "<u4",
               "uint32": "<u4", "float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8"}
@@ -95,14 +142,12 @@ def read_ply(path: str | Path, rgb_offset: bool | None = None) -> GaussianField:
 
 
 def main(argv=None) -> int:
-    """`python -m lrf.field.ply FIELD.safetensors OUT.ply`: export a fitted field for 3DGS viewers."""
+    """`python -m lrf.field.io FIELD.safetensors OUT.ply`: export a fitted field for 3DGS viewers."""
     import sys
-
-    from lrf.field.train import load_field
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        print("usage: python -m lrf.field.ply FIELD.safetensors OUT.ply", file=sys.stderr)
+        print("usage: python -m lrf.field.io FIELD.safetensors OUT.ply", file=sys.stderr)
         return 2
     save_ply(load_field(args[0]), args[1])
     return 0

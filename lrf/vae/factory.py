@@ -1,12 +1,42 @@
-"""Which autoencoder a run uses: a small spec (kind, source, optional fine-tuned parts).
+"""The VAE factory: which autoencoder a run uses, from a small spec (kind, source, optional
+fine-tuned parts), built by its backend.
 
 `source` may contain `{weights}`, filled from the configured weights folder, so configs stay
 portable between a laptop with `../shared` and a cluster with its own weights store.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+import torch
+
+from lrf.errors import WeightsError
+from lrf.vae.base import DIFFUSERS_KINDS, KINDS, TAESD_KINDS, Autoencoder
+from lrf.vae.diffusers_backend import DiffusersAutoencoder
+from lrf.vae.taesd import TinyAutoencoder
+
+
+def build_autoencoder(
+    kind: str,
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Autoencoder:
+    """Build a pretrained autoencoder of ``kind`` from ``source``.
+
+    ``source`` is a folder with ``<kind>_encoder.pth``/``<kind>_decoder.pth`` for the TAESD
+    family, or a hub id / local folder for ``diffusers.from_pretrained`` otherwise.  The model
+    is returned in eval mode with all parameters frozen; stages unfreeze what they train.
+    """
+    if kind in TAESD_KINDS:
+        model: Autoencoder = TinyAutoencoder.from_folder(kind, source)
+    elif kind in DIFFUSERS_KINDS:
+        model = DiffusersAutoencoder.from_pretrained(kind, source)
+    else:
+        raise ValueError(f"unknown autoencoder kind {kind!r}; expected one of {', '.join(KINDS)}")
+    model = model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
 
 
 def resolve_source(source: str, weights_dir: str | Path) -> str:
@@ -15,8 +45,6 @@ def resolve_source(source: str, weights_dir: str | Path) -> str:
 
 def load_vae(spec: dict, weights_dir: str | Path, device: str = "cpu"):
     """Build the autoencoder; swap in fine-tuned encoder/decoder weights (safetensors) if given."""
-    from lrf.vae import WeightsError, build_autoencoder
-
     if str(device).startswith("cuda"):  # a GPU step without a GPU: one line, not a traceback or a CPU run
         from lrf.gpu import select
 
@@ -36,7 +64,3 @@ def load_vae(spec: dict, weights_dir: str | Path, device: str = "cpu"):
     for p in vae.parameters():
         p.requires_grad_(False)
     return vae
-
-
-def parse(text: str) -> dict:
-    return json.loads(text)
