@@ -4,6 +4,8 @@
 # lego / fox / statue-of-liberty, measured on fern / Herz-Jesu / mary-rose (never trained on).
 #   bash scripts/ab.sh stage1 RESULTS OUT NAME '{"corr_loss": "ratio"}'
 #   bash scripts/ab.sh stage3 RESULTS OUT NAME '{"w_lpips": 0.1}'
+#   bash scripts/ab.sh fields RESULTS OUT NAME   (after `stage1 ... NAME`: the arm's encoder through
+#       encode -> `enc` field (config.yaml's field.latent) -> evaluate on the measured scenes)
 # RESULTS: the results/ folder of a cross-dataset run (prepared scenes, correspondences, and for
 # stage 3 the stage-1 encoder and the `enc` fields). Stage 3 then scores `full` (enc field +
 # the new decoder) on the held-out views of the measured scenes with lrf.evaluate.
@@ -13,6 +15,20 @@ tune="nerf_synthetic/lego instant-ngp/fox nerd/statue-of-liberty"
 eval="llff/fern strecha/herz-jesu-p25 nerd/mary-rose"
 weights="${LRF_SHARED:-../shared}/weights"
 enc="$res/vae/taef2/stage1/encoder.safetensors"
+if [ "$stage" = fields ]; then
+  fcfg=$(python -c 'import json,yaml; print(json.dumps(yaml.safe_load(open("config/config.yaml"))["field"]["latent"]))')
+  spec="{\"kind\":\"taef2\",\"source\":\"{weights}/taef2\",\"encoder\":\"$out/$name/encoder.safetensors\"}"
+  for s in $eval; do
+    d="$out/$name/fields/$s"; mkdir -p "$d"
+    python -m lrf.encode --scene "$res/$s/prepared/scene.json" --vae "$spec" --weights-dir "$weights" --threads 1 \
+      --out "$d/latents.safetensors" > "$d/log.txt" 2>&1
+    python -m lrf.fit --scene "$res/$s/prepared/scene.json" --targets latents "$d/latents.safetensors" --cfg "$fcfg" \
+      --seed 0 --threads 1 --out "$d/enc" >> "$d/log.txt" 2>&1
+    python -m lrf.evaluate --scene "$res/$s/prepared/scene.json" --kind latent --method enc --field "$d/enc/field.safetensors" \
+      --vae "$spec" --weights-dir "$weights" --lpips alex --threads 1 --out "$d/eval" 2>&1 | tail -n 1
+  done
+  exit 0
+fi
 case $stage in
   stage1) pair=corr; steps=250; vae='{"kind":"taef2","source":"{weights}/taef2"}';
           what() { echo "$res/$1/correspondences"; } ;;

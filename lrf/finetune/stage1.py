@@ -46,7 +46,6 @@ before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test v
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,10 +55,9 @@ import pandas as pd
 import torch
 
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, crop_origin, deterministic,
-                                 image_tensor, inside, load_checkpoint, load_lpips, load_optimizer_tensors,
-                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, sample_latents,
-                                 save_checkpoint, save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
+from lrf.finetune.common import (DOWNSCALE, crop_origin, image_tensor, inside, load_lpips, psnr_l1, sample_latents,
+                                 save_module, spec_and_overrides, stage_parser, tensors_sha256, trim8)
+from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
 from lrf.io import atomic_write_json
 from lrf.settings import Stage1Config
 from lrf.scene.model import Scene
@@ -408,11 +406,9 @@ def overall(per_scene: dict[str, dict]) -> dict:
 
 # ----------------------------------------------------------------------------- training
 def fingerprint(cfg: Stage1Config, vae, tune: list[CorrScene], spec: dict | None) -> dict:
-    fp = cfg.fingerprint()
-    fp.update(vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
-              encoder0=tensors_sha256(vae.encoder.state_dict().values()),
-              scenes=[[cs.key, cs.digest()] for cs in tune])
-    return json.loads(json.dumps(fp))
+    return loop_fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
+                            encoder0=tensors_sha256(vae.encoder.state_dict().values()),
+                            scenes=[[cs.key, cs.digest()] for cs in tune])
 
 
 def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: str | Path,
@@ -424,8 +420,6 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     `stop_at` ends the session after that many total steps without final outputs (as if killed:
     for tests and chunked runs); then None is returned, else the consistency report.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(cfg.device)
     enc = vae.encoder
     vae.requires_grad_(False)
@@ -435,71 +429,46 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
     sampler = PairSampler(tune, cfg)
     images = ImageCache(tune)
-    rng = RNG(cfg.seed)
-    ck = load_checkpoint(out_dir, fp)
-    if ck is not None:
-        tens, meta = ck
+    stats: dict[str, torch.Tensor] = {}   # the starting latents' per-channel mean / std
+
+    def state() -> dict:
+        return {**{f"encoder/{k}": v for k, v in enc.state_dict().items()},
+                "stats/mean": stats["mean"].cpu(), "stats/std": stats["std"].cpu()}
+
+    def load(tens: dict) -> None:
         enc.load_state_dict({k[len("encoder/"):]: v for k, v in tens.items() if k.startswith("encoder/")})
-        opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
-        load_optimizer_tensors(opt, tens)
-        rng.restore(tens, meta["rng"])
-        step, seconds, before, mbefore = meta["step"], meta["seconds"], meta["before"], meta["measure_before"]
-        rows = [tuple(r) for r in tens["curve"].tolist()]
-        mean0, std0 = tens["stats/mean"], tens["stats/std"]
-        if progress:
-            say(f"[stage1] resuming from step {step}")
-    else:
+        stats["mean"], stats["std"] = tens["stats/mean"], tens["stats/std"]
+
+    loop = TrainLoop("stage1", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
+    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
+    if loop.resume(opt) is None:
         before, lat_train = {}, []
         for cs in tune:
             before[cs.key], lat = measure(vae, cs)
             lat_train += [lat[i] for i in cs.scene.train]
         mbefore = {cs.key: measure(vae, cs)[0] for cs in measure_scenes}
-        mean0, std0 = latent_stats(lat_train)
-        opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
-        step, seconds, rows = 0, 0.0, []
-    mean0, std0 = mean0.to(dev), std0.to(dev)
+        stats["mean"], stats["std"] = latent_stats(lat_train)
+        loop.extra = {"before": before, "measure_before": mbefore}
+    mean0, std0 = stats["mean"].to(dev), stats["std"].to(dev)
+    stats["mean"], stats["std"] = mean0, std0
 
-    def checkpoint():
-        t = {f"encoder/{k}": v for k, v in enc.state_dict().items()}
-        t.update(optimizer_tensors(opt))
-        rt, rm = rng.state()
-        t.update(rt)
-        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
-        t["stats/mean"], t["stats/std"] = mean0.cpu(), std0.cpu()
-        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
-                                     "before": before, "measure_before": mbefore})
-        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
+    def step_fn(rng: RNG):
+        pairs = [sampler.sample(rng.np) for _ in range(cfg.batch)]
+        crops = ([images.crop(p.scene, p.i, p.origin_i, cfg.crop) for p in pairs]
+                 + [images.crop(p.scene, p.j, p.origin_j, cfg.crop) for p in pairs])
+        x = torch.stack(crops).to(dev)
+        theta = random_warps(rng.np, len(x), cfg) if cfg.w_equiv > 0 else None
+        L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta)
+        opt.zero_grad(set_to_none=True)
+        L["loss"].backward()
+        opt.step()
+        vals = {k: float(v.detach()) for k, v in L.items()}
+        return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = Progress("stage1", cfg.steps, step, cfg.log_every, progress)
-    enc.requires_grad_(True)
-    try:
-        with deterministic():
-            while step < end:
-                t = Timer()
-                pairs = [sampler.sample(rng.np) for _ in range(cfg.batch)]
-                crops = ([images.crop(p.scene, p.i, p.origin_i, cfg.crop) for p in pairs]
-                         + [images.crop(p.scene, p.j, p.origin_j, cfg.crop) for p in pairs])
-                x = torch.stack(crops).to(dev)
-                theta = random_warps(rng.np, len(x), cfg) if cfg.w_equiv > 0 else None
-                L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta)
-                opt.zero_grad(set_to_none=True)
-                L["loss"].backward()
-                opt.step()
-                step += 1
-                seconds += t()
-                vals = {k: float(v.detach()) for k, v in L.items()}
-                rows.append((step, vals["loss"], vals["recon_l1"], vals["lpips"], vals["corr"], vals["stats"],
-                             vals["anchor"], vals["equiv"], seconds))
-                bar.update(step, {k: vals[k] for k in ("loss", "corr", "stats")}, seconds)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint()
-    finally:
-        bar.close()
-        enc.requires_grad_(False)
-    if step < cfg.steps:
+    if not loop.run(step_fn, stop_at, train=[(enc, True)]):
         return None
 
+    before, mbefore = loop.extra["before"], loop.extra["measure_before"]
     after, lat_train = {}, []
     for cs in tune:
         after[cs.key], lat = measure(vae, cs)
@@ -507,17 +476,15 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     mean1, std1 = latent_stats(lat_train)
     per_scene = {k: combine(before[k], after[k]) for k in before}
     mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs)[0]) for cs in measure_scenes}
-    report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": step, "seconds": seconds,
-              "s_per_step": seconds / max(step, 1),
+    report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
+              "s_per_step": loop.seconds / max(loop.step, 1),
               "tuning": per_scene, "overall": overall(per_scene),
               "measure": mafter, "measure_overall": overall(mafter) if mafter else None,
               "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
                                "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
-    save_module(out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": step, "vae": spec})
-    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
-    atomic_write_json(out_dir / "consistency.json", report)
-    if not cfg.keep_checkpoint:
-        remove_checkpoint(out_dir)
+    save_module(loop.out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": loop.step, "vae": spec})
+    atomic_write_json(loop.out_dir / "consistency.json", report)
+    loop.finish(cfg.keep_checkpoint)
     return report
 
 
