@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lrf.finetune.common import CKPT_META, CKPT_NAME, crop_origin, inside, sample_latents
+from lrf.checkpoint import CKPT_META, CKPT_NAME
+from lrf.finetune.common import crop_origin, inside, sample_latents
 from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, load_corr_scene,
                                  train_stage1)
 from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
@@ -481,14 +482,18 @@ def test_fern_smoke_heldout_consistency(tmp_path, taef2, given_runs):
     cs = fern_subset(given_runs("fern"), tmp_path / "img", [0, 1, 2, 3])
     assert cs.scene.test == [0] and (cs.pairs.split == "heldout").any()
     vae = copy.deepcopy(taef2)
-    # 12 steps at lr 3e-5: held-out L1 fell 18-19% for seeds 0-3, recon PSNR fell 0.3-0.5 dB
+    # 12 steps at lr 3e-5 (the L1 loss, on earlier data: held-out L1 fell 18-19% for seeds 0-3,
+    # recon PSNR fell 0.3-0.5 dB)
     cfg = Stage1Config(steps=12, crop=48, batch=2, lr=3e-5, w_lpips=0.0, lambda_corr=1.0, w_stats=0.1,
                        corr_margin=6, checkpoint_every=0)
     rep = train_stage1(vae, None, [cs], cfg, tmp_path / "out", progress=False)
     doc = json.loads((tmp_path / "out" / "consistency.json").read_text())
     h = doc["tuning"]["llff/fern"]["heldout"]
     assert h["before"]["matches"] > 50 and h["before"]["l1"] > 0
-    assert h["after"]["l1"] < 0.95 * h["before"]["l1"]
+    # judged by the scale-free matched/random ratio (the default ratio loss: 0.632 -> 0.602 here);
+    # the plain L1 at the matches falls too, but less than with the L1 loss, which also shrinks
+    assert h["after"]["ratio"] < 0.97 * h["before"]["ratio"]
+    assert h["after"]["l1"] < h["before"]["l1"]
     r = doc["overall"]["recon"]
     assert r["after"]["psnr"] > r["before"]["psnr"] - 1.5     # reconstruction must not collapse
     assert doc["overall"]["heldout"]["before"]["l1"] == pytest.approx(h["before"]["l1"])
