@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, deterministic, image_tensor,
-                                 latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
-                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
-                                 save_module, say, tensors_sha256, trim8, write_curve)
+from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, load_lpips, psnr_l1, save_module,
+                                 tensors_sha256, trim8)
+from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at, save_field
 from lrf.io import atomic_write_json
 from lrf.settings import AlignConfig
@@ -67,8 +66,6 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
     from lrf.field.losses import d_ssim
     from lrf.field.train import scene_scale
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if field.channels != vae.latent_channels:
         raise InputError(f"{scene.key}: field has {field.channels} channels, the {vae.kind} decoder "
                          f"expects {vae.latent_channels}")
@@ -79,101 +76,68 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
     dec = vae.decoder
     vae.requires_grad_(False)
     lrs = _field_lrs(cfg, scene_scale(scene))
-    fp = cfg.fingerprint()
-    fp.update(vae=None if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
-              field0=tensors_sha256(field.tensors().values()), decoder0=tensors_sha256(dec.state_dict().values()),
-              views=[scene.cameras[i].name for i in ids],
-              background=None if background is None else [float(v) for v in background])
-    fp = json.loads(json.dumps(fp))
-    groups = [{"params": [field.params[k]], "lr": lr, "name": k} for k, lr in lrs.items()]
-    if cfg.tune_decoder:
-        groups.append({"params": list(dec.parameters()), "lr": cfg.lr, "name": "decoder"})
-    rng = RNG(cfg.seed)
-    opt = torch.optim.Adam(groups, eps=1e-15)
-    monitor = ids[:: max(1, len(ids) // 4)][:4]  # a few training views to show the fit improving
-    ck = load_checkpoint(out_dir, fp)
-    if ck is not None:
-        tens, meta = ck
+    fp = fingerprint(cfg, vae=None if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
+                     field0=tensors_sha256(field.tensors().values()), decoder0=tensors_sha256(dec.state_dict().values()),
+                     views=[scene.cameras[i].name for i in ids],
+                     background=None if background is None else [float(v) for v in background])
+
+    def state() -> dict:
+        return {**{f"field/{k}": v.detach().cpu().contiguous() for k, v in field.params.items()},
+                **{f"decoder/{k}": v for k, v in dec.state_dict().items()}}
+
+    def load(tens: dict) -> None:
         with torch.no_grad():
             for k in field.params:
                 field.params[k].copy_(tens[f"field/{k}"])
         dec.load_state_dict({k[len("decoder/"):]: v for k, v in tens.items() if k.startswith("decoder/")})
-        load_optimizer_tensors(opt, tens)
-        rng.restore(tens, meta["rng"])
-        step, seconds, before = meta["step"], meta["seconds"], meta["before"]
-        rows = [tuple(r) for r in tens["curve"].tolist()]
-        if progress:
-            say(f"[align] resuming from step {step}")
-    else:
-        before = train_psnr(vae, field, scene, background, cfg.backend, monitor)
-        step, seconds, rows = 0, 0.0, []
 
-    def checkpoint():
-        t = {f"field/{k}": v.detach().cpu().contiguous() for k, v in field.params.items()}
-        t.update({f"decoder/{k}": v for k, v in dec.state_dict().items()})
-        t.update(optimizer_tensors(opt))
-        rt, rm = rng.state()
-        t.update(rt)
-        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
-        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
-                                     "before": before})
-        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
-
+    loop = TrainLoop("align", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
+    groups = [{"params": [field.params[k]], "lr": lr, "name": k} for k, lr in lrs.items()]
+    opt = torch.optim.Adam(groups + ([{"params": list(dec.parameters()), "lr": cfg.lr, "name": "decoder"}]
+                                     if cfg.tune_decoder else []), eps=1e-15)
+    monitor = ids[:: max(1, len(ids) // 4)][:4]  # a few training views to show the fit improving
+    if loop.resume(opt) is None:
+        loop.extra = {"before": train_psnr(vae, field, scene, background, cfg.backend, monitor)}
     photos: dict[int, torch.Tensor] = {}
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = Progress("align", cfg.steps, step, cfg.log_every, progress)
-    field.requires_grad_(True)
-    dec.requires_grad_(cfg.tune_decoder)
-    try:
-        with deterministic():
-            while step < end:
-                t = Timer()
-                zs, xs = [], []
-                for _ in range(cfg.batch):
-                    i = ids[int(rng.np.integers(len(ids)))]
-                    if i not in photos:
-                        photos[i] = trim8(image_tensor(scene, i))
-                    z = render_latent(field, scene.cameras[i], background, cfg.backend)
-                    top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
-                    zs.append(z[:, top:top + ch, left:left + cw])
-                    xs.append(photos[i][:, top * DOWNSCALE:(top + ch) * DOWNSCALE,
-                                        left * DOWNSCALE:(left + cw) * DOWNSCALE])
-                z, x = torch.stack(zs), torch.stack(xs)
-                y = vae.decode(z, clamp=False)
-                l1 = (y - x).abs().mean()
-                ds = d_ssim(y, x) if cfg.w_dssim > 0 else l1.new_zeros(())
-                lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
-                loss = l1 + cfg.w_dssim * ds + cfg.w_lpips * lp
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                seconds += t()
-                vals = (float(loss.detach()), float(l1.detach()), float(ds.detach()), float(lp.detach()))
-                rows.append((step, *vals, seconds))
-                bar.update(step, {"loss": vals[0], "l1": vals[1]}, seconds)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint()
-    finally:
-        bar.close()
-        field.requires_grad_(False)
-        dec.requires_grad_(False)
-    if step < cfg.steps:
+
+    def step_fn(rng: RNG):
+        zs, xs = [], []
+        for _ in range(cfg.batch):
+            i = ids[int(rng.np.integers(len(ids)))]
+            if i not in photos:
+                photos[i] = trim8(image_tensor(scene, i))
+            z = render_latent(field, scene.cameras[i], background, cfg.backend)
+            top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
+            zs.append(z[:, top:top + ch, left:left + cw])
+            xs.append(photos[i][:, top * DOWNSCALE:(top + ch) * DOWNSCALE, left * DOWNSCALE:(left + cw) * DOWNSCALE])
+        z, x = torch.stack(zs), torch.stack(xs)
+        y = vae.decode(z, clamp=False)
+        l1 = (y - x).abs().mean()
+        ds = d_ssim(y, x) if cfg.w_dssim > 0 else l1.new_zeros(())
+        lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
+        loss = l1 + cfg.w_dssim * ds + cfg.w_lpips * lp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        vals = (float(loss.detach()), float(l1.detach()), float(ds.detach()), float(lp.detach()))
+        return vals, {"loss": vals[0], "l1": vals[1]}
+
+    if not loop.run(step_fn, stop_at, train=[(field, True), (dec, cfg.tune_decoder)]):
         return None
 
     after = train_psnr(vae, field, scene, background, cfg.backend, monitor)
-    report = {"scene": scene.key, "config": asdict(cfg), "steps": step, "seconds": seconds,
-              "s_per_step": seconds / max(step, 1), "vae": spec,
-              "train_psnr": {"views": [scene.cameras[i].name for i in monitor], "before": before, "after": after}}
+    report = {"scene": scene.key, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
+              "s_per_step": loop.seconds / max(loop.step, 1), "vae": spec,
+              "train_psnr": {"views": [scene.cameras[i].name for i in monitor], "before": loop.extra["before"],
+                             "after": after}}
     meta = dict(field_meta or {})  # field.json of the fitted field: background, channel norm, ...
     meta["aligned"] = {k: report[k] for k in ("steps", "seconds", "train_psnr")}
-    save_field(field, out_dir / "field.safetensors",
+    save_field(field, loop.out_dir / "field.safetensors",
                {k: meta[k] for k in ("channel_norm", "sh_degree", "channels") if k in meta})
-    atomic_write_json(out_dir / "field.json", meta)
-    save_module(out_dir / "decoder.safetensors", dec, {"align": scene.key, "steps": step, "vae": spec})
-    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
-    atomic_write_json(out_dir / "align.json", report)
-    remove_checkpoint(out_dir)
+    atomic_write_json(loop.out_dir / "field.json", meta)
+    save_module(loop.out_dir / "decoder.safetensors", dec, {"align": scene.key, "steps": loop.step, "vae": spec})
+    atomic_write_json(loop.out_dir / "align.json", report)
+    loop.finish()   # the per-scene alignment keeps no checkpoint
     return report
 
 

@@ -3,7 +3,7 @@ defaults (config.yaml holds overrides), and the check Snakemake runs on every ov
 the DAG starts (`check_config`, from workflow/rules/common.smk), so that a typo under `stage3:`
 fails in `snakemake -n`, not hours later when stage 3 starts.
 
-    FieldConfig (field.latent / field.rgb; nests nothing but copies DensifyConfig's schedule)
+    DensifyConfig -> FieldConfig (field.latent / field.rgb: the trainer's settings and its schedule)
     TrainConfig -> Stage1Config (stage1), Stage3Config (stage3), AlignConfig (align)
 """
 from __future__ import annotations
@@ -61,8 +61,11 @@ class DensifyConfig:
 
 
 @dataclass
-class FieldConfig:
-    """Training settings; learning rates follow 3DGS (means scaled by the scene extent)."""
+class FieldConfig(DensifyConfig):
+    """Training settings; learning rates follow 3DGS (means scaled by the scene extent).
+
+    The densification schedule is DensifyConfig's own fields (inherited, so their defaults live
+    there only); config.yaml keeps them flat under field.latent / field.rgb."""
 
     iterations: int = 30_000
     sh_degree: int = 0
@@ -79,17 +82,7 @@ class FieldConfig:
     lambda_dssim: float = 0.2
     normalize: bool = True               # ChannelNorm the maps before the loss
     ssim_data_range: float | None = None  # None: 4.0 on normalised maps, 1.0 on raw ones
-    # densification (DensifyConfig)
-    densify: bool = True
-    refine_start: int = 500
-    refine_stop: int = 15_000
-    refine_every: int = 100
-    reset_every: int = 3_000
-    grow_grad2d: float = 2e-4
-    grow_scale3d: float = 0.01
-    prune_scale3d: float = 0.1
-    prune_opa: float = 0.005
-    max_gaussians: int = 1_000_000
+    densify: bool = True                 # the schedule: DensifyConfig's fields
     # initialisation
     init_opacity: float = 0.1
     init_scale: float = 1.0
@@ -106,10 +99,8 @@ class FieldConfig:
     device: str = "auto"
 
     def densify_config(self) -> DensifyConfig:
-        """The densification schedule: DensifyConfig's fields that this config also has (the
-        rest keep DensifyConfig's defaults)."""
-        return DensifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DensifyConfig)
-                                if hasattr(self, f.name)})
+        """The densification schedule: this config's DensifyConfig fields."""
+        return DensifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DensifyConfig)})
 
 
 # ----------------------------------------------------------------------------- stages 1 and 3, alignment

@@ -26,7 +26,6 @@ alone it drifts away from them.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +33,9 @@ import numpy as np
 import torch
 
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, RNG, Progress, Timer, deterministic, image_tensor,
-                                 latent_crop, load_checkpoint, load_lpips, load_optimizer_tensors,
-                                 optimizer_tensors, psnr_l1, remove_checkpoint, rows_tensor, save_checkpoint,
-                                 save_module, say, tensors_sha256, trim8, write_curve, spec_and_overrides, stage_parser)
+from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, load_lpips, psnr_l1, save_module,
+                                 spec_and_overrides, stage_parser, tensors_sha256, trim8)
+from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at
 from lrf.io import atomic_write_json
 from lrf.settings import Stage3Config
@@ -152,18 +150,8 @@ def overall(per_scene: dict[str, dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir: str | Path,
-                 measure_scenes: list[AlignScene] = (), spec: dict | None = None,
-                 stop_at: int | None = None, progress: bool = True) -> dict | None:
-    """Fine-tune vae.decoder in place; write decoder.safetensors, curve.csv, alignment.json.
-
-    Same resume / stop_at contract as lrf.finetune.stage1.train_stage1.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(cfg.device)
-    dec = vae.decoder
-    vae.requires_grad_(False)
+def _check_scenes(vae, align: list[AlignScene], measure_scenes, cfg: Stage3Config) -> None:
+    """One-line errors: a field whose channels the decoder cannot take, a photo smaller than a crop."""
     cells = cfg.crop // DOWNSCALE
     for a in list(align) + list(measure_scenes):
         if a.field.channels != vae.latent_channels:
@@ -173,6 +161,20 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
         for c in a.scene.cameras:
             if c.width // DOWNSCALE < cells or c.height // DOWNSCALE < cells:
                 raise InputError(f"{a.key}: {c.name}: image {c.width}x{c.height} is smaller than the {cfg.crop}px crop")
+
+
+def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir: str | Path,
+                 measure_scenes: list[AlignScene] = (), spec: dict | None = None,
+                 stop_at: int | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune vae.decoder in place; write decoder.safetensors, curve.csv, alignment.json.
+
+    Same resume / stop_at contract as lrf.finetune.stage1.train_stage1.
+    """
+    dev = torch.device(cfg.device)
+    dec = vae.decoder
+    vae.requires_grad_(False)
+    cells = cfg.crop // DOWNSCALE
+    _check_scenes(vae, align, measure_scenes, cfg)
     for a in list(align) + list(measure_scenes):
         a.field.to(dev)
     data = ViewData(list(align), vae, cfg.backend)
@@ -180,93 +182,61 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
     ids = [list(a.scene.train) for a in align]  # held-out photos never reach training
     if not any(ids):
         raise InputError("stage 3: no views to train on")
-    fp = cfg.fingerprint()
-    fp.update(vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
-              decoder0=tensors_sha256(dec.state_dict().values()),
-              encoder=tensors_sha256(vae.encoder.state_dict().values()),
-              renders=data.digest(), views=[[a.scene.cameras[i].name for i in v] for a, v in zip(align, ids)])
-    fp = json.loads(json.dumps(fp))
-    rng = RNG(cfg.seed)
-    ck = load_checkpoint(out_dir, fp)
-    if ck is not None:
-        tens, meta = ck
+    fp = fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
+                     decoder0=tensors_sha256(dec.state_dict().values()),
+                     encoder=tensors_sha256(vae.encoder.state_dict().values()),
+                     renders=data.digest(), views=[[a.scene.cameras[i].name for i in v] for a, v in zip(align, ids)])
+
+    def load(tens: dict) -> None:
         dec.load_state_dict({k[len("decoder/"):]: v for k, v in tens.items() if k.startswith("decoder/")})
-        opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
-        load_optimizer_tensors(opt, tens)
-        rng.restore(tens, meta["rng"])
-        step, seconds, before, mbefore = meta["step"], meta["seconds"], meta["before"], meta["measure_before"]
-        rows = [tuple(r) for r in tens["curve"].tolist()]
-        if progress:
-            say(f"[stage3] resuming from step {step}")
-    else:
-        before = {a.key: measure(vae, data, s) for s, a in enumerate(align)}
-        mbefore = {a.key: measure(vae, mdata, s, heldout_only=True) for s, a in enumerate(measure_scenes)}
-        opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
-        step, seconds, rows = 0, 0.0, []
 
-    def checkpoint():
-        t = {f"decoder/{k}": v for k, v in dec.state_dict().items()}
-        t.update(optimizer_tensors(opt))
-        rt, rm = rng.state()
-        t.update(rt)
-        t["curve"] = rows_tensor(rows, len(CURVE_COLUMNS))
-        save_checkpoint(out_dir, t, {"fingerprint": fp, "step": step, "seconds": seconds, "rng": rm,
-                                     "before": before, "measure_before": mbefore})
-        write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
-
+    loop = TrainLoop("stage3", out_dir, fp, cfg, CURVE_COLUMNS,
+                     lambda: {f"decoder/{k}": v for k, v in dec.state_dict().items()}, load, progress)
+    opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+    if loop.resume(opt) is None:
+        loop.extra = {"before": {a.key: measure(vae, data, s) for s, a in enumerate(align)},
+                      "measure_before": {a.key: measure(vae, mdata, s, heldout_only=True)
+                                         for s, a in enumerate(measure_scenes)}}
     usable = [s for s, v in enumerate(ids) if v]
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = Progress("stage3", cfg.steps, step, cfg.log_every, progress)
-    dec.requires_grad_(True)
-    try:
-        with deterministic():
-            while step < end:
-                t = Timer()
-                zs, xs, n_clean = [], [], 0
-                for _ in range(cfg.batch):
-                    s = usable[int(rng.np.integers(len(usable)))]
-                    i = ids[s][int(rng.np.integers(len(ids[s])))]
-                    clean = bool(rng.np.random() < cfg.clean_fraction)
-                    z = data.clean_latent(s, i) if clean else data.rendered[s][i]
-                    top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
-                    zs.append(z[:, top:top + ch, left:left + cw])
-                    xs.append(data.photo(s, i)[:, top * DOWNSCALE:(top + ch) * DOWNSCALE,
-                                               left * DOWNSCALE:(left + cw) * DOWNSCALE])
-                    n_clean += clean
-                z, x = torch.stack(zs).to(dev), torch.stack(xs).to(dev)
-                y = vae.decode(z, clamp=False)
-                l1 = (y - x).abs().mean()
-                lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
-                loss = l1 + cfg.w_lpips * lp
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                seconds += t()
-                vals = (float(loss.detach()), float(l1.detach()), float(lp.detach()))
-                rows.append((step, *vals, n_clean / cfg.batch, seconds))
-                bar.update(step, {"loss": vals[0], "l1": vals[1], "lpips": vals[2]}, seconds)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint()
-    finally:
-        bar.close()
-        dec.requires_grad_(False)
-    if step < cfg.steps:
+
+    def step_fn(rng: RNG):
+        zs, xs, n_clean = [], [], 0
+        for _ in range(cfg.batch):
+            s = usable[int(rng.np.integers(len(usable)))]
+            i = ids[s][int(rng.np.integers(len(ids[s])))]
+            clean = bool(rng.np.random() < cfg.clean_fraction)
+            z = data.clean_latent(s, i) if clean else data.rendered[s][i]
+            top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
+            zs.append(z[:, top:top + ch, left:left + cw])
+            xs.append(data.photo(s, i)[:, top * DOWNSCALE:(top + ch) * DOWNSCALE,
+                                       left * DOWNSCALE:(left + cw) * DOWNSCALE])
+            n_clean += clean
+        z, x = torch.stack(zs).to(dev), torch.stack(xs).to(dev)
+        y = vae.decode(z, clamp=False)
+        l1 = (y - x).abs().mean()
+        lp = lpips(y, x).mean() if (lpips is not None and cfg.w_lpips > 0) else l1.new_zeros(())
+        loss = l1 + cfg.w_lpips * lp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        vals = (float(loss.detach()), float(l1.detach()), float(lp.detach()))
+        return (*vals, n_clean / cfg.batch), {"loss": vals[0], "l1": vals[1], "lpips": vals[2]}
+
+    if not loop.run(step_fn, stop_at, train=[(dec, True)]):
         return None
 
+    before, mbefore = loop.extra["before"], loop.extra["measure_before"]
     per_scene = {a.key: combine(before[a.key], measure(vae, data, s)) for s, a in enumerate(align)}
     mper = {a.key: combine(mbefore[a.key], measure(vae, mdata, s, heldout_only=True))
             for s, a in enumerate(measure_scenes)}
-    report = {"stage": 3, "vae": spec, "config": asdict(cfg), "steps": step, "seconds": seconds,
-              "s_per_step": seconds / max(step, 1),
+    report = {"stage": 3, "vae": spec, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
+              "s_per_step": loop.seconds / max(loop.step, 1),
               "fields": {a.key: None if a.field_path is None else str(a.field_path) for a in align},
               "scenes": per_scene, "overall": overall(per_scene),
               "measure": mper, "measure_overall": overall(mper) if mper else None}
-    save_module(out_dir / "decoder.safetensors", dec, {"stage": 3, "steps": step, "vae": spec})
-    write_curve(out_dir / "curve.csv", CURVE_COLUMNS, rows)
-    atomic_write_json(out_dir / "alignment.json", report)
-    if not cfg.keep_checkpoint:
-        remove_checkpoint(out_dir)
+    save_module(loop.out_dir / "decoder.safetensors", dec, {"stage": 3, "steps": loop.step, "vae": spec})
+    atomic_write_json(loop.out_dir / "alignment.json", report)
+    loop.finish(cfg.keep_checkpoint)
     return report
 
 

@@ -1,0 +1,1 @@
+"""Training machinery shared by every trainer: lrf.train.loop."""
