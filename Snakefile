@@ -26,4 +26,5 @@ rule all:
         expand_scenes("results/{dataset}/{scene}/sfm/stats.json"),
         expand_scenes("results/{dataset}/{scene}/correspondences/summary.json"),
         "results/report/summary.json",
+        "results/report/.complete",  # absent after a failed run's onerror report: a rerun redoes it
         [expand_scenes("results/{dataset}/{scene}/orbit/{method}.webp", method=m) for m in config.get("orbit", {}).get("methods", [])],

@@ -130,6 +130,20 @@ def test_report_marks_the_failed_scene(runs):
     assert s["psnr/vae-ceiling"] == pytest.approx(psnr[0], abs=1e-5)
 
 
+def test_rerun_after_a_failure_redoes_the_report(runs):
+    """The onerror report marks the failure, but it is not the report rule's output: a rerun
+    schedules the report again (and with it whatever the failed scene still lacks)."""
+    wf = runs["real"].wf
+    assert (wf / "results" / "report" / "summary.json").exists()
+    assert not (wf / "results" / "report" / ".complete").exists()
+    for target in ([], ["report"]):  # the default target, and the rule (DVC's stage asks for it)
+        r = subprocess.run(snakemake_cmd(wf, "-n", "--cores", "1", *target),
+                           cwd=wf, env=lrf_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "rule report:" in r.stdout and "Nothing to be done" not in r.stdout, r.stdout[-2000:]
+        assert "rule sfm_input:" in r.stdout  # the bad scene is tried again
+
+
 def test_logs_are_written(runs):
     logs = runs["real"].wf / "results" / "logs"
     for step in ("sfm_input", "sfm", "prepare", "correspondences"):
