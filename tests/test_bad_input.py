@@ -243,5 +243,5 @@ def test_sheet_names_missing_folder(workflow_copy, snakemake_run, data_dir):
     assert err == [f"ERROR llff/ghost: {(data_dir / 'llff/no-such-folder').resolve()}: scene folder does not exist"], \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    log = wf / "results/logs/prepare/llff/ghost.log"
+    log = wf / "results/logs/sfm_input/llff/ghost.log"
     assert log.exists() and err[0] in log.read_text()
