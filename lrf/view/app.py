@@ -185,7 +185,9 @@ class Tab:
         """Method lists, held-out views and frusta of the current scene; camera to its home view."""
         self.ls = self.v.scene(self.scene_key)
         methods = list(self.ls.src.methods)
-        first = self.v.first_method if self.v.first_method in methods else methods[0]
+        latent = [m for m, src in self.ls.src.methods.items() if src.kind == "latent"]
+        # a latent field first (it is what this viewer is for), whatever order METHODS lists them in
+        first = self.v.first_method if self.v.first_method in methods else (latent or methods)[0]
         self.g_method.options = methods
         self.g_method.value = first
         self.g_compare.options = ["none"] + methods
