@@ -223,7 +223,9 @@ def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update({"shared_dir": str(shared), "scenes": "config/test_scenes.tsv",
                 "select": [f"{r['dataset']}/{r['scene']}" for r in rows] or "demo"})
-    cfg["sfm"].update({"max_features": 1024, "threads": 2, "matcher": "exhaustive"})
+    # one SfM thread, as the default: multi-threaded matching under load can change which points
+    # COLMAP keeps (the SLURM-vs-local comparison saw different point ids once)
+    cfg["sfm"].update({"max_features": 1024, "threads": 1, "matcher": "exhaustive"})
     for k, v in overrides.items():
         if v is None:
             cfg.pop(k, None)
