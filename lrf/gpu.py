@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -110,15 +109,15 @@ def main(argv=None) -> int:
     ap.add_argument("--require", action="store_true",
                     help="exit 1 with one ERROR line unless a GPU is visible and gsplat's kernels load")
     args = ap.parse_args(argv)
-    info = versions(load=args.load or args.require)
-    print(json.dumps(info))
-    if args.require:
-        try:
+
+    def go():
+        print(json.dumps(versions(load=args.load or args.require)))
+        if args.require:
             select("auto", "cuda", who="gpu")
-        except InputError as e:
-            print(f"ERROR {e}", file=sys.stderr)
-            return 1
-    return 0
+
+    from lrf.cli import run_main  # the project's one-line ERROR handling
+
+    return run_main(go)
 
 
 if __name__ == "__main__":
