@@ -80,6 +80,8 @@ class FieldConfig(DensifyConfig):
     quats_lr: float = 1e-3
     adam_eps: float = 1e-15
     lambda_dssim: float = 0.2
+    eps2d: float = 0.3                   # screen-space blur (pixels^2 of the fitted map; 3DGS' 0.3), saved
+                                         # with the field so every render of it uses the same
     normalize: bool = True               # ChannelNorm the maps before the loss
     ssim_data_range: float | None = None  # None: 4.0 on normalised maps, 1.0 on raw ones
     densify: bool = True                 # the schedule: DensifyConfig's fields

@@ -384,3 +384,22 @@ def test_orbit_and_video(tmp_path):
     out = write_video([(f * 255).astype(np.uint8) for f in frames], tmp_path / "orbit.webp")
     with Image.open(out) as im:
         assert im.n_frames == 5
+
+
+def test_eps2d_is_part_of_the_field(tmp_path):
+    """The screen blur a field is fitted with travels with it: a saved field renders exactly as it
+    did in training, and a sharper blur really changes the render (fields saved before the
+    setting existed load with 3DGS' 0.3)."""
+    scene, targets, _ = _scene()
+    res = fit_field(scene, targets, _cfg(iterations=5, eps2d=0.1), tmp_path, progress=False)
+    f2 = load_field(tmp_path / "field.safetensors")
+    assert res.field.eps2d == f2.eps2d == 0.1
+    cam = scene.cameras[0]
+    a = f2.render(cam.w2c, cam.K, cam.width, cam.height).image
+    assert torch.equal(a, res.field.render(cam.w2c, cam.K, cam.width, cam.height).image)
+    f2.eps2d = 0.3
+    assert not torch.allclose(a, f2.render(cam.w2c, cam.K, cam.width, cam.height).image, atol=1e-4)
+    from safetensors.torch import save
+
+    (tmp_path / "old.safetensors").write_bytes(save(f2.tensors(), metadata={"rgb_offset": "false"}))
+    assert load_field(tmp_path / "old.safetensors").eps2d == 0.3

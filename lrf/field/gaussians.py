@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lrf.render.project import EPS2D
+
 # Real SH basis constants (the sign convention of the 3DGS / Plenoxels code), degrees 0..3.
 SH_C0 = 0.28209479177387814
 SH_C1 = 0.4886025119029199
@@ -101,10 +103,12 @@ class GaussianField(nn.Module):
 
     means [N,3], scales [N,3] (log), quats [N,4] (wxyz, unnormalised), opacities [N] (logits),
     features_dc [N,C] (SH coefficient), features_rest [N,(d+1)^2-1,C].
+    `eps2d` is the screen-space blur (pixels^2) the field was fitted with; it is part of the model
+    (saved with it), so every render of the field matches its training renders.
     """
 
     def __init__(self, means, scales, quats, opacities, features_dc, features_rest=None,
-                 rgb_offset: bool = False):
+                 rgb_offset: bool = False, eps2d: float = EPS2D):
         super().__init__()
         n, c = features_dc.shape
         if features_rest is None:
@@ -118,6 +122,7 @@ class GaussianField(nn.Module):
         self.params = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float().contiguous())
                                         for k, v in vals.items()})
         self.rgb_offset = bool(rgb_offset)
+        self.eps2d = float(eps2d)
         self.active_sh_degree = self.sh_degree
 
     # ---- shapes and activated views ----
@@ -181,12 +186,14 @@ class GaussianField(nn.Module):
         if background is not None:
             background = _as_tensor(background, self.device)
         return _rasterize(self.means, self.quats, self.scales, self.opacities, self.features_for(viewmat),
-                          viewmat, Kt, int(width), int(height), background=background, backend=backend)
+                          viewmat, Kt, int(width), int(height), background=background, backend=backend,
+                          eps2d=self.eps2d)
 
     # ---- construction ----
     @classmethod
     def from_points(cls, xyz, features, sh_degree: int = 0, init_opacity: float = 0.1,
-                    init_scale: float = 1.0, rgb_offset: bool = False, device=None) -> "GaussianField":
+                    init_scale: float = 1.0, rgb_offset: bool = False, device=None,
+                    eps2d: float = EPS2D) -> "GaussianField":
         """3DGS init: isotropic scale = RMS distance to the 3 nearest neighbours, identity rotation."""
         xyz = np.asarray(xyz.detach().cpu() if isinstance(xyz, torch.Tensor) else xyz, dtype=np.float64)
         n = len(xyz)
@@ -199,7 +206,7 @@ class GaussianField(nn.Module):
         op = torch.full((n,), math.log(init_opacity / (1 - init_opacity)))
         rest = torch.zeros(n, num_sh_coeffs(sh_degree) - 1, c)
         f = cls(torch.as_tensor(xyz, dtype=torch.float32), scale[:, None].repeat(1, 3), quats, op, dc, rest,
-                rgb_offset=rgb_offset)
+                rgb_offset=rgb_offset, eps2d=eps2d)
         return f.to(device) if device is not None else f
 
     @classmethod
@@ -224,8 +231,9 @@ class GaussianField(nn.Module):
         return {k: self.params[k].detach().cpu().contiguous() for k in PARAM_NAMES}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], rgb_offset: bool = False) -> "GaussianField":
-        return cls(*(t[k] for k in PARAM_NAMES), rgb_offset=rgb_offset)
+    def from_tensors(cls, t: dict[str, torch.Tensor], rgb_offset: bool = False,
+                     eps2d: float = EPS2D) -> "GaussianField":
+        return cls(*(t[k] for k in PARAM_NAMES), rgb_offset=rgb_offset, eps2d=eps2d)
 
 
 def _sample_bilinear(target: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:

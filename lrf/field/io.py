@@ -20,13 +20,14 @@ from safetensors.torch import load, save
 from lrf.checkpoint import safetensors_header
 from lrf.field.gaussians import GaussianField, sh_degree_from_coeffs
 from lrf.io import atomic_write_bytes
+from lrf.render.project import EPS2D
 
 
 # ----------------------------------------------------------------------------- safetensors
 def save_field(field: GaussianField, path: str | Path, meta: dict | None = None) -> None:
     """Parameters as safetensors (raw: log-scales, logits, SH coeffs) with JSON metadata."""
     md = {"rgb_offset": json.dumps(field.rgb_offset), "sh_degree": str(field.sh_degree),
-          "channels": str(field.channels)}
+          "channels": str(field.channels), "eps2d": repr(field.eps2d)}
     if meta:
         md["lrf"] = json.dumps(meta)
     atomic_write_bytes(path, save(field.tensors(), metadata=md))
@@ -35,7 +36,8 @@ def save_field(field: GaussianField, path: str | Path, meta: dict | None = None)
 def load_field(path: str | Path, device="cpu") -> GaussianField:
     raw = Path(path).read_bytes()
     md = safetensors_header(raw).get("__metadata__", {})
-    f = GaussianField.from_tensors(load(raw), rgb_offset=json.loads(md.get("rgb_offset", "false")))
+    f = GaussianField.from_tensors(load(raw), rgb_offset=json.loads(md.get("rgb_offset", "false")),
+                                   eps2d=float(md.get("eps2d", EPS2D)))  # fields saved before eps2d: 3DGS' 0.3
     return f.to(device)
 
 

@@ -174,7 +174,8 @@ def init_field(scene, train_targets: dict[int, torch.Tensor], cfg: FieldConfig, 
         feats = init_features_from_tracks(None, scene, train_targets, xyz=xyz)
     else:
         raise ValueError(f"init must be 'points' or 'random', not {init!r}")
-    return GaussianField.from_points(xyz, feats, cfg.sh_degree, cfg.init_opacity, cfg.init_scale, cfg.rgb)
+    return GaussianField.from_points(xyz, feats, cfg.sh_degree, cfg.init_opacity, cfg.init_scale, cfg.rgb,
+                                     eps2d=cfg.eps2d)
 
 
 def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir: str | Path,
@@ -216,7 +217,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     if ck is not None:
         tens, meta = ck
         field = GaussianField.from_tensors({k[6:]: v for k, v in tens.items() if k.startswith("param/")},
-                                           rgb_offset=meta["rgb_offset"]).to(dev)
+                                           rgb_offset=meta["rgb_offset"], eps2d=cfg.eps2d).to(dev)
         opt = _build_optimizer(field, cfg, extent)
         for g in opt.param_groups:
             st = {k.split("/")[2]: v.to(dev) if v.dim() > 0 else v

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .gsplat_backend import GsplatError  # light: imports no gsplat
-from .project import project_gaussians
+from .project import EPS2D, project_gaussians
 
 __all__ = ["RenderOutput", "rasterize", "BACKENDS", "GsplatError"]
 
@@ -56,13 +56,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
               viewmat: Tensor, K: Tensor, width: int, height: int,
               background: Tensor | None = None, backend: str = "auto",
-              near: float = 0.01, far: float = 1e10) -> RenderOutput:
+              near: float = 0.01, far: float = 1e10, eps2d: float = EPS2D) -> RenderOutput:
     """Render N Gaussians with C-channel features into an [H, W, C] image.
 
     means [N,3] world; quats [N,4] (w,x,y,z), any norm; scales [N,3] linear;
     opacities [N] in (0,1); features [N,C]; viewmat [4,4] world-to-camera
     (OpenCV axes); K [3,3]; background [C] or None (zeros).  The camera is a
-    constant (no gradients to viewmat or K).  Culling and compositing rules
+    constant (no gradients to viewmat or K).  eps2d is the screen-space blur
+    (pixels^2) added to every projected covariance.  Culling and compositing rules
     are documented in :mod:`lrf.render.project`; culled Gaussians get
     ``radii == 0``, ``means2d == 0`` and zero gradients.
     """
@@ -80,9 +81,9 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
         from .gsplat_backend import rasterize_gsplat
 
         return rasterize_gsplat(means, quats, scales, opacities, features, viewmat, K, width,
-                                height, background, near, far)
+                                height, background, near, far, eps2d)
 
-    proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height, near, far)
+    proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
     means2d = proj.means2d
     if means2d.requires_grad:
         means2d.retain_grad()  # densification reads means2d.grad

@@ -112,7 +112,7 @@ def _radius_from_conics(conics: Tensor) -> Tensor:
 
 def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                      features: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
-                     background: Tensor, near: float, far: float):
+                     background: Tensor, near: float, far: float, eps2d: float):
     from . import RenderOutput
 
     if not means.is_cuda:
@@ -122,7 +122,7 @@ def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Te
     colors, alphas, meta = gsplat.rasterization(
         means=means, quats=quats, scales=scales, opacities=opacities,
         colors=features[None], viewmats=viewmat[None], Ks=K[None],
-        width=width, height=height, near_plane=near, far_plane=far, eps2d=0.3,
+        width=width, height=height, near_plane=near, far_plane=far, eps2d=eps2d,
         sh_degree=None, packed=False, backgrounds=background[None],
         render_mode="RGB", rasterize_mode="classic",
     )
