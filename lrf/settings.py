@@ -100,6 +100,14 @@ class FieldConfig(DensifyConfig):
     backend: str = "auto"
     device: str = "auto"
 
+    # Keys that may change between a run and its resumption without invalidating it (not
+    # `iterations`: the means' learning rate decays over the whole run).
+    RESUME_FREE: ClassVar[frozenset] = frozenset({"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss",
+                                                  "backend", "device", "export_ply"})
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+
     def densify_config(self) -> DensifyConfig:
         """The densification schedule: this config's DensifyConfig fields."""
         return DensifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DensifyConfig)})

@@ -1,17 +1,13 @@
 """Fit a Gaussian field to per-view target maps (latents or RGB), resumably and reproducibly.
 
-Resumption is exact: with a fixed seed on one device the checkpoint holds everything the next
-step depends on (params, Adam moments and step counts, strategy accumulators and generator,
-torch/numpy global RNG states, channel-norm stats, the loss accumulator). The view order is a
-pure function of (seed, step) (a fresh seeded permutation per epoch), so it needs no state.
+The loop is lrf.train.loop's TrainLoop, as for the other trainers. Resumption is exact: with a
+fixed seed on one device the checkpoint holds everything the next step depends on (params, Adam
+moments and step counts per named group, strategy accumulators and generator, every RNG state,
+channel-norm stats, the loss accumulator and log). The view order is a pure function of
+(seed, step) (a fresh seeded permutation per epoch), so it needs no state.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field as dc_field
 from pathlib import Path
@@ -23,13 +19,16 @@ from lrf.field.gaussians import GaussianField, init_features_from_tracks
 from lrf.field.io import save_field, save_ply
 from lrf.field.losses import ChannelNorm, DEFAULT_SSIM_RANGE, field_loss
 from lrf.field.strategy import DensifyStrategy
+from lrf.io import atomic_write_json
 from lrf.settings import FieldConfig
-from lrf.checkpoint import CKPT_META, CKPT_NAME, load_checkpoint, save_checkpoint
-from lrf.io import atomic_write_json, atomic_write_text
+from lrf.train.loop import TrainLoop, fingerprint, load_optimizer_tensors, optimizer_tensors, say
 
 FIELD_NAME, FIELD_META, LOG_NAME = "field.safetensors", "field.json", "train_log.csv"
-# Settings that may change between a run and its resumption without invalidating it.
-_RESUME_FREE = {"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss", "backend", "device", "export_ply"}
+LOG_COLUMNS = ("step", "loss", "n_gaussians", "seconds")
+_LOG_FORMATS = {"n_gaussians": "d", "seconds": ".3f"}
+# Bumped when the checkpoint's layout changes: a checkpoint of another layout is then ignored
+# (with a warning) instead of half-read. 2: written by TrainLoop.
+_CKPT_LAYOUT = 2
 
 
 @dataclass
@@ -55,10 +54,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _fingerprint(cfg: FieldConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
-
-
 def _view_at(seed: int, step: int, n: int, cache: dict) -> int:
     """Index into the training views for `step`: a seeded permutation per epoch (stateless)."""
     epoch, k = divmod(step, n)
@@ -68,12 +63,31 @@ def _view_at(seed: int, step: int, n: int, cache: dict) -> int:
     return int(cache["perm"][k])
 
 
-def _np_state_to_json(st) -> list:
-    return [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+def _views(scene, targets: dict[int, torch.Tensor], dev: torch.device) -> tuple[dict, list[tuple]]:
+    """({camera index: target on dev} for the training views, [(w2c, K, target)]), with K scaled
+    to each target's resolution (targets may be smaller than the photos)."""
+    tg = {i: targets[i].detach().to(dev, torch.float32) for i in scene.train if i in targets}
+    if not tg:
+        raise ValueError(f"{scene.key}: no training view has a target")
+    chans = {t.shape[0] for t in tg.values()}
+    if len(chans) != 1:
+        raise ValueError(f"{scene.key}: targets disagree on the channel count: {sorted(chans)}")
+    views = []
+    for i, t in tg.items():
+        cam = scene.cameras[i]
+        S = np.diag([t.shape[2] / cam.width, t.shape[1] / cam.height, 1.0])
+        views.append((torch.as_tensor(cam.w2c, dtype=torch.float32, device=dev),
+                      torch.as_tensor(S @ cam.K, dtype=torch.float32, device=dev), t))
+    return tg, views
 
 
-def _np_state_from_json(js) -> tuple:
-    return (js[0], np.asarray(js[1], dtype=np.uint32), js[2], js[3], js[4])
+def _background(cfg: FieldConfig, norm: ChannelNorm, dev: torch.device) -> torch.Tensor | None:
+    bg = cfg.background
+    if isinstance(bg, str):
+        if bg != "mean":
+            raise ValueError(f"background must be None, 'mean' or a list, not {bg!r}")
+        return norm.mean.to(dev)
+    return None if bg is None else torch.as_tensor(bg, dtype=torch.float32, device=dev)
 
 
 def _build_optimizer(field: GaussianField, cfg: FieldConfig, extent: float) -> torch.optim.Adam:
@@ -89,47 +103,73 @@ def _means_lr(cfg: FieldConfig, extent: float, step: int) -> float:
     return cfg.means_lr * extent * (cfg.means_lr_final / cfg.means_lr) ** frac
 
 
+class _Fit:
+    """The trained state: the field, its optimizer (rebuilt whenever the field is, since
+    densification replaces the parameter tensors) and the densification strategy."""
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    def __init__(self, cfg: FieldConfig, extent: float, norm: ChannelNorm, dev: torch.device):
+        self.cfg, self.extent, self.norm, self.dev = cfg, extent, norm, dev
+        self.strategy = DensifyStrategy(cfg.densify_config(), extent, seed=cfg.seed, device=dev) if cfg.densify else None
+
+    def start(self, field: GaussianField) -> None:
+        self.field, self.opt = field, _build_optimizer(field, self.cfg, self.extent)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        t = {f"param/{k}": v for k, v in self.field.tensors().items()}
+        t.update(optimizer_tensors(self.opt, named=True))
+        if self.strategy is not None:
+            t.update({f"strategy/{k}": v.contiguous() for k, v in self.strategy.state_dict().items()})
+        t["norm/mean"], t["norm/std"] = self.norm.mean.contiguous(), self.norm.std.contiguous()
+        return t
+
+    def load(self, tens: dict[str, torch.Tensor]) -> None:
+        params = {k[len("param/"):]: v for k, v in tens.items() if k.startswith("param/")}
+        self.start(GaussianField.from_tensors(params, rgb_offset=self.cfg.rgb, eps2d=self.cfg.eps2d).to(self.dev))
+        load_optimizer_tensors(self.opt, tens, named=True)
+        if self.strategy is not None:
+            self.strategy.load_state_dict({k[len("strategy/"):]: v for k, v in tens.items()
+                                           if k.startswith("strategy/")}, self.dev)
+        self.norm = ChannelNorm(tens["norm/mean"], tens["norm/std"])
+
+    def step(self, step: int, view: tuple, background, data_range: float) -> torch.Tensor:
+        """One Adam step on one view, then densification; the loss (not synchronised)."""
+        cfg, field = self.cfg, self.field
+        for g in self.opt.param_groups:
+            if g["name"] == "means":
+                g["lr"] = _means_lr(cfg, self.extent, step)
+        field.active_sh_degree = min(cfg.sh_degree, step // max(cfg.sh_degree_interval, 1))
+        vm, K, tgt = view
+        h, w = tgt.shape[1:]
+        out = field.render(vm, K, w, h, background, cfg.backend)
+        if self.strategy is not None:
+            self.strategy.step_pre_backward(out)
+        loss = field_loss(out.image.permute(2, 0, 1), tgt, self.norm, cfg.lambda_dssim, data_range)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.strategy is not None:
+            self.strategy.step_post_backward(field, self.opt, step, out, w, h)
+        return loss.detach()
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(out_dir: Path, field: GaussianField, opt: torch.optim.Optimizer,
-                     strategy: DensifyStrategy | None, norm: ChannelNorm, state: dict) -> None:
-    t = {f"param/{k}": v for k, v in field.tensors().items()}
-    for g in opt.param_groups:
-        st = opt.state.get(g["params"][0], {})
-        for key, v in st.items():
-            if torch.is_tensor(v):
-                t[f"adam/{g['name']}/{key}"] = v.detach().cpu().contiguous()
-    if strategy is not None:
-        t.update({f"strategy/{k}": v.contiguous() for k, v in strategy.state_dict().items()})
-    t["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and field.device.type == "cuda":
-        t["rng/cuda"] = torch.cuda.get_rng_state(field.device)
-    t["norm/mean"], t["norm/std"] = norm.mean.contiguous(), norm.std.contiguous()
-    t["log"] = torch.tensor(state["log"], dtype=torch.float64).reshape(-1, 4)
-    meta = {k: v for k, v in state.items() if k != "log"}
-    meta["numpy_rng"] = _np_state_to_json(np.random.get_state())
-    meta["rgb_offset"] = field.rgb_offset
-    save_checkpoint(out_dir, t, meta, side={"n_gaussians": field.num_gaussians})
-
-
-def _load_checkpoint(out_dir: Path, fingerprint: dict) -> tuple[dict, dict] | None:
-    """(tensors, metadata) of a valid, compatible checkpoint, else None (with a warning)."""
-    return load_checkpoint(out_dir, fingerprint)
-
-
-def _write_log(out_dir: Path, rows: list) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["step", "loss", "n_gaussians", "seconds"])
-    for s, l, n, sec in rows:
-        w.writerow([int(s), f"{l:.6g}", int(n), f"{sec:.3f}"])
-    atomic_write_text(out_dir / LOG_NAME, buf.getvalue())
+def _write_outputs(loop: TrainLoop, run: _Fit, scene, train_ids: list[int], background, final_loss,
+                   resumed_from: int | None) -> None:
+    """field.safetensors (+ PLY) and field.json, the summary of the finished run."""
+    cfg, field, initial = loop.cfg, run.field, loop.extra["initial_loss"]
+    summary = {"config": asdict(cfg), "n_gaussians": field.num_gaussians,
+               "num_gaussians": field.num_gaussians, "channels": field.channels,
+               "background_value": None if background is None else background.detach().cpu().tolist(),
+               "sh_degree": field.sh_degree, "rgb_offset": field.rgb_offset,
+               "channel_norm": run.norm.to_dict(), "seconds": loop.seconds, "steps": loop.step,
+               "initial_loss": initial, "final_loss": final_loss,
+               "last_logged_loss": loop.rows[-1][1] if loop.rows else None,
+               "train_views": train_ids, "scene": scene.key, "resumed_from": resumed_from}
+    save_field(field, loop.out_dir / FIELD_NAME, {k: summary[k] for k in ("channel_norm", "sh_degree", "channels")})
+    if cfg.export_ply:
+        save_ply(field, loop.out_dir / "point_cloud.ply")
+    atomic_write_json(loop.out_dir / FIELD_META, summary)
+    if loop.progress:
+        say(f"[{loop.name}] done, {field.num_gaussians} Gaussians, loss {initial} -> {final_loss}, {loop.seconds:.1f}s")
 
 
 # ---------------------------------------------------------------- public API
@@ -186,153 +226,37 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     settings and data. `stop_at` ends the session after that many total steps without writing
     the final field (as if killed; for chunked runs and tests).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = _device(cfg.device)
-    train_ids = [i for i in scene.train if i in targets]
-    if not train_ids:
-        raise ValueError(f"{scene.key}: no training view has a target")
-    tg = {i: targets[i].detach().to(dev, torch.float32) for i in train_ids}
-    chans = {t.shape[0] for t in tg.values()}
-    if len(chans) != 1:
-        raise ValueError(f"{scene.key}: targets disagree on the channel count: {sorted(chans)}")
-    C = chans.pop()
-    views = []
-    for i in train_ids:
-        cam, t = scene.cameras[i], tg[i]
-        h, w = t.shape[1:]
-        S = np.diag([w / cam.width, h / cam.height, 1.0])
-        views.append((torch.as_tensor(cam.w2c, dtype=torch.float32, device=dev),
-                      torch.as_tensor(S @ cam.K, dtype=torch.float32, device=dev), t))
-    extent = scene_scale(scene)
+    tg, views = _views(scene, targets, dev)
+    train_ids, C = list(tg), views[0][2].shape[0]
     norm = ChannelNorm.from_targets(tg.values()) if cfg.normalize else ChannelNorm.identity(C)
     data_range = cfg.ssim_data_range or (DEFAULT_SSIM_RANGE if cfg.normalize else 1.0)
-    fp = _fingerprint(cfg)
-    fp.update(init=init, train_ids=train_ids, channels=C, shapes=[list(tg[i].shape) for i in train_ids],
-              norm=[round(float(x), 5) for x in torch.cat([norm.mean, norm.std])])
-    fp = json.loads(json.dumps(fp))   # the form it takes after a round trip through the checkpoint
+    fp = fingerprint(cfg, init=init, train_ids=train_ids, channels=C, shapes=[list(t.shape) for t in tg.values()],
+                     norm=[round(float(x), 5) for x in torch.cat([norm.mean, norm.std])], layout=_CKPT_LAYOUT)
+    run = _Fit(cfg, scene_scale(scene), norm, dev)
+    # TrainLoop seeds torch / numpy / python's global RNGs before init_field draws from them.
+    loop = TrainLoop(f"field {scene.key}", out_dir, fp, cfg, LOG_COLUMNS, run.state, run.load, progress,
+                     steps_key="iterations", curve_file=LOG_NAME, formats=_LOG_FORMATS, mean_of=("loss",),
+                     side=lambda: {"n_gaussians": run.field.num_gaussians})
+    resumed_from = loop.step if loop.resume() is not None else None
+    if resumed_from is None:
+        run.start(init_field(scene, tg, cfg, init).to(dev))
+    background = _background(cfg, run.norm, dev)
+    if loop.extra.get("initial_loss") is None:
+        loop.extra["initial_loss"] = evaluate_loss(run.field, views, run.norm, cfg, background) if cfg.eval_loss else None
+    perm: dict = {}
 
-    strategy = DensifyStrategy(cfg.densify_config(), extent, seed=cfg.seed, device=dev) if cfg.densify else None
-    ck = _load_checkpoint(out_dir, fp)
-    if ck is not None:
-        tens, meta = ck
-        field = GaussianField.from_tensors({k[6:]: v for k, v in tens.items() if k.startswith("param/")},
-                                           rgb_offset=meta["rgb_offset"], eps2d=cfg.eps2d).to(dev)
-        opt = _build_optimizer(field, cfg, extent)
-        for g in opt.param_groups:
-            st = {k.split("/")[2]: v.to(dev) if v.dim() > 0 else v
-                  for k, v in tens.items() if k.startswith(f"adam/{g['name']}/")}
-            if st:
-                opt.state[g["params"][0]] = st
-        if strategy is not None:
-            strategy.load_state_dict({k[9:]: v for k, v in tens.items() if k.startswith("strategy/")}, dev)
-        torch.set_rng_state(tens["rng/torch"])
-        if "rng/cuda" in tens and dev.type == "cuda":
-            torch.cuda.set_rng_state(tens["rng/cuda"], dev)
-        np.random.set_state(_np_state_from_json(meta["numpy_rng"]))
-        norm = ChannelNorm(tens["norm/mean"], tens["norm/std"])
-        state = {k: meta[k] for k in ("step", "seconds", "loss_acc", "initial_loss", "fingerprint")}
-        state["log"] = [tuple(r) for r in tens["log"].tolist()]
-        resumed_from = state["step"]
-        if progress:
-            _say(f"[field] {scene.key}: resuming from step {resumed_from} ({field.num_gaussians} Gaussians)")
-    else:
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2 ** 32)
-        field = init_field(scene, tg, cfg, init).to(dev)
-        opt = _build_optimizer(field, cfg, extent)
-        state = {"step": 0, "seconds": 0.0, "loss_acc": [0.0, 0], "log": [], "fingerprint": fp,
-                 "initial_loss": None}
-        resumed_from = None
+    def step_fn(rng):
+        loss = run.step(loop.step, views[_view_at(cfg.seed, loop.step, len(views), perm)], background, data_range)
+        return (loss, run.field.num_gaussians), None
 
-    background = cfg.background
-    if isinstance(background, str):
-        if background != "mean":
-            raise ValueError(f"background must be None, 'mean' or a list, not {background!r}")
-        background = norm.mean.to(dev)
-    elif background is not None:
-        background = torch.as_tensor(background, dtype=torch.float32, device=dev)
-
-    if state["initial_loss"] is None and cfg.eval_loss:
-        state["initial_loss"] = evaluate_loss(field, views, norm, cfg, background)
-
-    end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
-    tty = progress and sys.stderr.isatty()
-    bar = None
-    if tty:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=state["step"], desc=f"field {scene.key}", dynamic_ncols=True)
-    perm_cache: dict = {}
-    groups = {g["name"]: g for g in opt.param_groups}
-    step = state["step"]
-    loss_sum = torch.tensor(float(state["loss_acc"][0]), dtype=torch.float64, device=dev)  # no per-step sync
-    while step < end:
-        t0 = time.perf_counter()
-        groups["means"]["lr"] = _means_lr(cfg, extent, step)
-        field.active_sh_degree = min(cfg.sh_degree, step // max(cfg.sh_degree_interval, 1))
-        vm, K, tgt = views[_view_at(cfg.seed, step, len(views), perm_cache)]
-        h, w = tgt.shape[1:]
-        out = field.render(vm, K, w, h, background, cfg.backend)
-        if strategy is not None:
-            strategy.step_pre_backward(out)
-        loss = field_loss(out.image.permute(2, 0, 1), tgt, norm, cfg.lambda_dssim, data_range)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if strategy is not None:
-            strategy.step_post_backward(field, opt, step, out, w, h)
-            groups = {g["name"]: g for g in opt.param_groups}
-        step += 1
-        state["step"] = step
-        state["seconds"] += time.perf_counter() - t0
-        loss_sum += loss.detach()
-        state["loss_acc"][1] += 1
-        if step % max(cfg.log_every, 1) == 0 or step == cfg.iterations:
-            mean_loss = loss_sum.item() / max(state["loss_acc"][1], 1)
-            loss_sum.zero_()
-            state["log"].append((step, mean_loss, field.num_gaussians, state["seconds"]))
-            state["loss_acc"] = [0.0, 0]
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", n=field.num_gaussians)
-            elif progress:
-                _say(f"[field] {scene.key} step {step}/{cfg.iterations} loss {mean_loss:.4f} "
-                     f"N {field.num_gaussians} {state['seconds']:.1f}s")
-        if bar is not None:
-            bar.update(1)
-        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
-            state["loss_acc"][0] = loss_sum.item()
-            _save_checkpoint(out_dir, field, opt, strategy, norm, state)
-            _write_log(out_dir, state["log"])
-    if bar is not None:
-        bar.close()
-
-    completed = step >= cfg.iterations
+    completed = loop.run(step_fn, stop_at)
     final_loss = None
     if completed:
-        if cfg.eval_loss:
-            final_loss = evaluate_loss(field, views, norm, cfg, background)
-        summary = {"config": asdict(cfg), "n_gaussians": field.num_gaussians,
-                   "num_gaussians": field.num_gaussians, "channels": C,
-                   "background_value": None if background is None else background.detach().cpu().tolist(),
-                   "sh_degree": field.sh_degree, "rgb_offset": field.rgb_offset,
-                   "channel_norm": norm.to_dict(), "seconds": state["seconds"], "steps": step,
-                   "initial_loss": state["initial_loss"], "final_loss": final_loss,
-                   "last_logged_loss": state["log"][-1][1] if state["log"] else None,
-                   "train_views": train_ids, "scene": scene.key, "resumed_from": resumed_from}
-        save_field(field, out_dir / FIELD_NAME, {k: summary[k] for k in ("channel_norm", "sh_degree", "channels")})
-        if cfg.export_ply:
-            save_ply(field, out_dir / "point_cloud.ply")
-        _write_log(out_dir, state["log"])
-        atomic_write_json(out_dir / FIELD_META, summary)
-        if not cfg.keep_checkpoint:
-            (out_dir / CKPT_NAME).unlink(missing_ok=True)
-            (out_dir / CKPT_META).unlink(missing_ok=True)
-        elif cfg.checkpoint_every > 0:
-            state["loss_acc"][0] = loss_sum.item()
-            _save_checkpoint(out_dir, field, opt, strategy, norm, state)
-        if progress:
-            _say(f"[field] {scene.key}: done, {field.num_gaussians} Gaussians, loss "
-                 f"{state['initial_loss']} -> {final_loss}, {state['seconds']:.1f}s")
-    return FitResult(field, norm, out_dir, step, completed, state["seconds"], state["initial_loss"],
-                     final_loss, resumed_from, list(state["log"]))
+        final_loss = evaluate_loss(run.field, views, run.norm, cfg, background) if cfg.eval_loss else None
+        _write_outputs(loop, run, scene, train_ids, background, final_loss, resumed_from)
+        if cfg.keep_checkpoint and cfg.checkpoint_every > 0:
+            loop.checkpoint()      # the finished state: a rerun finds nothing left to do
+        loop.finish(cfg.keep_checkpoint)
+    return FitResult(run.field, run.norm, loop.out_dir, loop.step, completed, loop.seconds,
+                     loop.extra["initial_loss"], final_loss, resumed_from, list(loop.rows))

@@ -5,5 +5,6 @@
 - stage 3 (`python -m lrf.finetune.stage3`): VAE-RF alignment, only the decoder changes, so
   that latents rendered by a fitted latent field decode into the photos.
 
-Both share `common`: configs, exact-resume checkpoints, crop helpers, curves and progress.
+Both share `common` (hashes, crops, LPIPS, outputs and one command line, `stage_main`) and
+lrf.train.loop (exact-resume checkpoints, progress, curves).
 """

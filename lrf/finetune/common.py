@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lrf.errors import InputError
-from lrf.io import atomic_write_bytes
+from lrf.io import atomic_write_bytes, atomic_write_json
 from lrf.settings import DOWNSCALE
 
 
@@ -158,3 +158,49 @@ def spec_and_overrides(args) -> tuple[dict, dict]:
     if args.seed is not None:
         over["seed"] = args.seed
     return spec, over
+
+
+def stage_main(argv, description: str, *, stage: int, part: str, paired: str, paired_metavar: str,
+               paired_help: str, spec_help: str, config, report: str, scene_list, train, measure_only,
+               summary_line) -> int:
+    """Both stages' command line, which differ only in what they tune (`part`: encoder | decoder)
+    and what each scene comes with (`paired`: corr | field): the config from --cfg/--seed, then
+    training on the --scene/--<paired> pairs, or with --measure-only the pretrained VAE against the
+    spec's tuned `part` on the --measure-scene pairs, written to out/`report`.
+
+    scene_list(scenes, paired, what) -> scenes; measure_only(before_vae, after_vae, scenes, cfg) and
+    train(vae, lpips, scenes, cfg, out, measure_scenes, spec=, progress=) -> report;
+    summary_line(report) -> the line printed at the end."""
+    from lrf.cli import run_main
+
+    args = stage_parser(description, part, paired, paired_help, spec_help).parse_args(argv)
+
+    def go():
+        from lrf.vae.factory import load_vae
+
+        torch.set_num_threads(args.threads)
+        spec, over = spec_and_overrides(args)
+        cfg = config.from_overrides(over)
+        mscenes = scene_list(args.measure_scene, getattr(args, f"measure_{paired}"),
+                             f"--measure-scene/--measure-{paired}")
+        if args.measure_only:
+            tuned = spec.get(part) or (args.out / f"{part}.safetensors")
+            if not Path(tuned).is_file():
+                raise InputError(f"--measure-only: {tuned}: no tuned {part} (give it as the spec's '{part}')")
+            if not mscenes:
+                raise InputError(f"--measure-only: give --measure-scene/--measure-{paired}")
+            base = {k: v for k, v in spec.items() if k != part}
+            after = dict(base, **{part: str(tuned)})
+            rep = measure_only(load_vae(base, args.weights_dir, cfg.device), load_vae(after, args.weights_dir, cfg.device),
+                               mscenes, cfg)
+            rep["vae"] = after
+            atomic_write_json(args.out / report, rep)
+            return summary_line(rep)
+        scenes = scene_list(args.scene, getattr(args, paired), f"--scene/--{paired}")
+        if not scenes:
+            raise InputError(f"stage {stage}: give at least one --scene SCENE_JSON --{paired} {paired_metavar}")
+        vae = load_vae(spec, args.weights_dir, cfg.device)
+        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        return summary_line(train(vae, lp, scenes, cfg, args.out, mscenes, spec=spec, progress=True))
+
+    return run_main(go)

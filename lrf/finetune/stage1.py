@@ -55,8 +55,8 @@ import pandas as pd
 import torch
 
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, crop_origin, image_tensor, inside, load_lpips, psnr_l1, sample_latents,
-                                 save_module, spec_and_overrides, stage_parser, tensors_sha256, trim8)
+from lrf.finetune.common import (DOWNSCALE, crop_origin, image_tensor, inside, psnr_l1, sample_latents, save_module,
+                                 stage_main, tensors_sha256, trim8)
 from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
 from lrf.io import atomic_write_json
 from lrf.settings import Stage1Config
@@ -520,40 +520,12 @@ def _scene_list(scenes, corrs, what: str) -> list[CorrScene]:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import run_main
-
-    ap = stage_parser(__doc__.splitlines()[0], "encoder", "corr", "its correspondences folder",
-                      "JSON spec: kind, source[, encoder (start point or, with --measure-only, the tuned encoder)]")
-    args = ap.parse_args(argv)
-
-    def go():
-        from lrf.vae.factory import load_vae
-
-        torch.set_num_threads(args.threads)
-        spec, over = spec_and_overrides(args)
-        cfg = Stage1Config.from_overrides(over)
-        mscenes = _scene_list(args.measure_scene, args.measure_corr, "--measure-scene/--measure-corr")
-        if args.measure_only:
-            enc_path = spec.get("encoder") or (args.out / "encoder.safetensors")
-            if not Path(enc_path).is_file():
-                raise InputError(f"--measure-only: {enc_path}: no tuned encoder (give it as the spec's 'encoder')")
-            if not mscenes:
-                raise InputError("--measure-only: give --measure-scene/--measure-corr")
-            base = {k: v for k, v in spec.items() if k != "encoder"}
-            rep = measure_only(load_vae(base, args.weights_dir, cfg.device),
-                               load_vae(dict(base, encoder=str(enc_path)), args.weights_dir, cfg.device), mscenes)
-            rep["vae"] = dict(base, encoder=str(enc_path))
-            atomic_write_json(args.out / "consistency.json", rep)
-            return summary_line(rep)
-        tune = _scene_list(args.scene, args.corr, "--scene/--corr")
-        if not tune:
-            raise InputError("stage 1: give at least one --scene SCENE_JSON --corr CORR_DIR")
-        vae = load_vae(spec, args.weights_dir, cfg.device)
-        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
-        rep = train_stage1(vae, lp, tune, cfg, args.out, mscenes, spec=spec, progress=True)
-        return summary_line(rep)
-
-    return run_main(go)
+    return stage_main(argv, __doc__.splitlines()[0], stage=1, part="encoder", paired="corr", paired_metavar="CORR_DIR",
+                      paired_help="its correspondences folder",
+                      spec_help="JSON spec: kind, source[, encoder (start point or, with --measure-only, the tuned encoder)]",
+                      config=Stage1Config, report="consistency.json", scene_list=_scene_list, train=train_stage1,
+                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes),
+                      summary_line=summary_line)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, load_lpips, psnr_l1, save_module,
-                                 spec_and_overrides, stage_parser, tensors_sha256, trim8)
+from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, psnr_l1, save_module, stage_main,
+                                 tensors_sha256, trim8)
 from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at
 from lrf.io import atomic_write_json
@@ -272,41 +272,13 @@ def _scene_list(scenes, fields, what: str) -> list[AlignScene]:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import run_main
-
-    ap = stage_parser(__doc__.splitlines()[0], "decoder", "field", "its latent field.safetensors",
-                      "JSON spec: kind, source, encoder (stage 1)[, decoder (start point or, with --measure-only, the tuned decoder)]")
-    args = ap.parse_args(argv)
-
-    def go():
-        from lrf.vae.factory import load_vae
-
-        torch.set_num_threads(args.threads)
-        spec, over = spec_and_overrides(args)
-        cfg = Stage3Config.from_overrides(over)
-        mscenes = _scene_list(args.measure_scene, args.measure_field, "--measure-scene/--measure-field")
-        if args.measure_only:
-            dec_path = spec.get("decoder") or (args.out / "decoder.safetensors")
-            if not Path(dec_path).is_file():
-                raise InputError(f"--measure-only: {dec_path}: no tuned decoder (give it as the spec's 'decoder')")
-            if not mscenes:
-                raise InputError("--measure-only: give --measure-scene/--measure-field")
-            base = {k: v for k, v in spec.items() if k != "decoder"}
-            rep = measure_only(load_vae(base, args.weights_dir, cfg.device),
-                               load_vae(dict(base, decoder=str(dec_path)), args.weights_dir, cfg.device),
-                               mscenes, cfg.backend)
-            rep["vae"] = dict(base, decoder=str(dec_path))
-            atomic_write_json(args.out / "alignment.json", rep)
-            return summary_line(rep)
-        align = _scene_list(args.scene, args.field, "--scene/--field")
-        if not align:
-            raise InputError("stage 3: give at least one --scene SCENE_JSON --field FIELD")
-        vae = load_vae(spec, args.weights_dir, cfg.device)
-        lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
-        rep = train_stage3(vae, lp, align, cfg, args.out, mscenes, spec=spec, progress=True)
-        return summary_line(rep)
-
-    return run_main(go)
+    return stage_main(argv, __doc__.splitlines()[0], stage=3, part="decoder", paired="field", paired_metavar="FIELD",
+                      paired_help="its latent field.safetensors",
+                      spec_help="JSON spec: kind, source, encoder (stage 1)[, decoder (start point or, with "
+                                "--measure-only, the tuned decoder)]",
+                      config=Stage3Config, report="alignment.json", scene_list=_scene_list, train=train_stage3,
+                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes, cfg.backend),
+                      summary_line=summary_line)
 
 
 if __name__ == "__main__":

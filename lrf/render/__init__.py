@@ -16,26 +16,15 @@ CPU tensors never import gsplat (not even its Python parts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .gsplat_backend import GsplatError  # light: imports no gsplat
-from .project import EPS2D, project_gaussians
+from .gsplat_backend import GsplatError, gsplat_problem, rasterize_gsplat  # light: imports no gsplat
+from .project import EPS2D, RenderOutput, project_gaussians
 
 __all__ = ["RenderOutput", "rasterize", "BACKENDS", "GsplatError"]
 
 BACKENDS = ("auto", "cpu", "reference", "gsplat")
-
-
-@dataclass
-class RenderOutput:
-    image: Tensor  # [H, W, C]
-    alpha: Tensor  # [H, W] accumulated opacity
-    means2d: Tensor  # [N, 2] projected centres (pixels); .grad feeds densification
-    radii: Tensor  # [N] int pixel radius, 0 where culled
-    depths: Tensor  # [N] camera-space z
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -45,8 +34,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type != "cuda":
         return "cpu"
-    from .gsplat_backend import gsplat_problem
-
     problem = gsplat_problem(device)
     if problem:
         raise GsplatError(problem)
@@ -78,8 +65,6 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     K = K.to(means)
 
     if backend == "gsplat":
-        from .gsplat_backend import rasterize_gsplat
-
         return rasterize_gsplat(means, quats, scales, opacities, features, viewmat, K, width,
                                 height, background, near, far, eps2d)
 

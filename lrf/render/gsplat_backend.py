@@ -1,7 +1,7 @@
 """CUDA backend: thin adapter around ``gsplat.rasterization``.
 
 gsplat is imported lazily so that this module (and the package) import fine
-on machines without CUDA.  Output is adapted to :class:`lrf.render.RenderOutput`
+on machines without CUDA.  Output is adapted to :class:`lrf.render.project.RenderOutput`
 so training code is backend-agnostic:
 
 * ``means2d`` is an [N, 2] leaf whose ``.grad`` is filled from gsplat's
@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from lrf.errors import GsplatError
+
+from .project import RenderOutput
 
 
 def gsplat_available() -> bool:
@@ -113,8 +115,6 @@ def _radius_from_conics(conics: Tensor) -> Tensor:
 def rasterize_gsplat(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                      features: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
                      background: Tensor, near: float, far: float, eps2d: float):
-    from . import RenderOutput
-
     if not means.is_cuda:
         raise ValueError("backend='gsplat' needs CUDA tensors; use backend='cpu'")
     gsplat = _import_gsplat(means.device)

@@ -1,4 +1,5 @@
-"""EWA projection of 3D Gaussians to screen space, shared by the CPU backends.
+"""EWA projection of 3D Gaussians to screen space, shared by the CPU backends, and
+:class:`RenderOutput`, what every backend returns (gsplat's adapter included).
 
 Both the brute-force reference and the fast rasterizer call
 :func:`project_gaussians`, so they can only differ in how they composite.
@@ -44,6 +45,17 @@ ALPHA_THRESHOLD = 1.0 / 255.0  # pairs with alpha below this are skipped
 MAX_ALPHA = 0.99  # alpha clamp
 TRANSMITTANCE_THRESHOLD = 1e-4  # stop once T would drop to or below this
 EXTEND_CAP = 3.33  # gsplat's cap on the opacity-aware extent, in sigmas
+
+
+@dataclass
+class RenderOutput:
+    """One rendered view, with the same fields whatever the backend (training code is backend-agnostic)."""
+
+    image: Tensor  # [H, W, C]
+    alpha: Tensor  # [H, W] accumulated opacity
+    means2d: Tensor  # [N, 2] projected centres (pixels); .grad feeds densification
+    radii: Tensor  # [N] int pixel radius, 0 where culled
+    depths: Tensor  # [N] camera-space z
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One resumable training loop for stage 1, stage 3 and the per-scene alignment.
+"""One resumable training loop for the field fit, stage 1, stage 3 and the per-scene alignment.
 
 The loop owns what every trainer needs to end bit-identical after `kill -9` and a rerun: the
 fingerprint check, the checkpoint (one safetensors file with its SHA-256 beside it, lrf.checkpoint),
@@ -18,6 +18,12 @@ checkpoint removed. A trainer plugs in a step function and its state:
 
 `step_fn(rng)` does one optimisation step and returns (the curve row's values between `step` and
 `seconds`, the values shown in the progress line).
+
+The field fit uses the same loop with three twists, each a keyword of TrainLoop: its length is
+`cfg.iterations` (`steps_key`); its optimizer is rebuilt from the checkpoint, since densification
+changes the parameters' shapes (`resume()` without an optimizer: `state`/`load` carry Adam's state,
+with `optimizer_tensors(opt, named=True)`); and it logs a row every `log_every` steps with the mean
+loss since the last row (`mean_of`), summed on the device so a step need not wait for the GPU.
 """
 from __future__ import annotations
 
@@ -104,9 +110,17 @@ class RNG:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Adam's per-parameter state (step, exp_avg, exp_avg_sq) as flat named tensors."""
+def optimizer_tensors(opt: torch.optim.Optimizer, named: bool = False) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state (step, exp_avg, exp_avg_sq) as flat named tensors, keyed by the
+    parameter's index, or with `named` by its param group's name (groups of one parameter, as the
+    field's: their tensors are replaced as Gaussians come and go, their names stay)."""
     out = {}
+    if named:
+        for g in opt.param_groups:
+            for k, v in opt.state.get(g["params"][0], {}).items():
+                if torch.is_tensor(v):
+                    out[f"adam/{g['name']}/{k}"] = v.detach().cpu().contiguous()
+        return out
     for idx, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if not torch.is_tensor(v):
@@ -115,24 +129,33 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], named: bool = False) -> None:
+    """Put back what optimizer_tensors(opt, named) saved (moments onto each parameter's device)."""
+    index, n = {}, 0
+    for g in opt.param_groups:       # a group's name -> its first parameter's index in state_dict()
+        index[g.get("name")] = n
+        n += len(g["params"])
     state: dict[int, dict] = {}
     for name, v in tensors.items():
         if name.startswith("adam/"):
             _, idx, k = name.split("/", 2)
-            state.setdefault(int(idx), {})[k] = v.clone()
+            state.setdefault(index[idx] if named else int(idx), {})[k] = v.clone()
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 
 
 # ----------------------------------------------------------------------------- curve + progress
-def write_curve(path: str | Path, columns: Sequence[str], rows: Sequence[Sequence[float]]) -> None:
+def write_curve(path: str | Path, columns: Sequence[str], rows: Sequence[Sequence[float]],
+                formats: dict[str, str] | None = None) -> None:
+    """CSV of the rows: `step` as an integer, other columns as `formats` says ("d": an integer),
+    else 6 significant digits."""
+    specs = [(formats or {}).get(c, "d" if c == "step" else ".6g") for c in columns]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow([int(v) if c == "step" else f"{v:.6g}" for c, v in zip(columns, r)])
+        w.writerow([int(v) if f == "d" else format(v, f) for f, v in zip(specs, r)])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -155,17 +178,51 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    def update(self, step: int, values: dict[str, float], seconds: float) -> None:
-        text = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+    def update(self, step: int, values: dict[str, float] | None, seconds: float) -> None:
+        """values None: nothing new to show (the bar just advances)."""
+        text = " ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in (values or {}).items())
         if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
+            if values is not None:
+                self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
-        elif self.enabled and (step % self.log_every == 0 or step == self.total):
+        elif self.enabled and values is not None and (step % self.log_every == 0 or step == self.total):
             say(f"[{self.desc}] step {step}/{self.total} {text} {seconds:.1f}s")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Window:
+    """Sums of the averaged curve columns since the last row, kept as float64 tensors on the
+    values' device: adding a step's loss does not wait for it to be computed."""
+
+    def __init__(self, columns: Sequence[str], mean_of: Sequence[str]):
+        self.idx = [list(columns).index(c) for c in mean_of]
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.count = [torch.zeros((), dtype=torch.float64) for _ in self.idx], 0
+
+    def add(self, values: Sequence) -> None:
+        for j, i in enumerate(self.idx):
+            v = values[i].detach() if torch.is_tensor(values[i]) else torch.tensor(float(values[i]), dtype=torch.float64)
+            self.sums[j] = self.sums[j].to(v.device).add_(v)
+        self.count += 1
+
+    def row(self, values: Sequence) -> tuple:
+        """`values` with the averaged columns replaced by their means; the window starts again."""
+        row = list(values)
+        for j, i in enumerate(self.idx):
+            row[i] = self.sums[j].item() / max(self.count, 1)
+        self.reset()
+        return tuple(row)
+
+    def state(self) -> torch.Tensor:
+        return torch.stack([s.cpu() for s in self.sums]) if self.sums else torch.zeros(0, dtype=torch.float64)
+
+    def restore(self, sums: torch.Tensor, count: int) -> None:
+        self.sums, self.count = [s.clone() for s in sums.to(torch.float64).unbind()], int(count)
 
 
 class Timer:
@@ -179,31 +236,48 @@ class Timer:
 # ----------------------------------------------------------------------------- the loop
 class TrainLoop:
     """See the module docstring. `state()` returns the trainer's tensors to checkpoint (its
-    modules' weights and anything else it must restore); `load(tensors)` puts them back."""
+    modules' weights and anything else it must restore); `load(tensors)` puts them back.
+
+    steps_key: the config's attribute holding the run's length ("steps"; the field's "iterations").
+    curve_file, formats: the curve CSV's name and its columns' formats (write_curve).
+    mean_of: columns averaged over the steps since the previous row; when given, a row is written
+      only every cfg.log_every steps (and at the end) and the progress shows the rows.
+    side: small JSON facts for ckpt.json beside the checkpoint (the field's size), for people
+      watching a run."""
 
     def __init__(self, name: str, out_dir: str | Path, fp: dict, cfg, columns: Sequence[str],
                  state: Callable[[], dict[str, torch.Tensor]], load: Callable[[dict], None],
-                 progress: bool = True):
+                 progress: bool = True, *, steps_key: str = "steps", curve_file: str = "curve.csv",
+                 formats: dict[str, str] | None = None, mean_of: Sequence[str] = (),
+                 side: Callable[[], dict] | None = None):
         self.name, self.out_dir, self.fp, self.cfg, self.columns = name, Path(out_dir), fp, cfg, tuple(columns)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state, self.load, self.progress = state, load, progress
+        self.total = int(getattr(cfg, steps_key))
+        self.curve_file, self.formats, self.side = curve_file, formats, side
+        self.window = Window(self.columns[1:-1], mean_of) if mean_of else None
         self.rng = RNG(cfg.seed)
         self.step, self.seconds, self.rows = 0, 0.0, []
         self.extra: dict = {}          # JSON state of the trainer kept in the checkpoint ("before" numbers)
         self.opt: torch.optim.Optimizer | None = None
 
-    def resume(self, opt: torch.optim.Optimizer) -> dict | None:
-        """Restore the last valid checkpoint written with this fingerprint; None: start afresh."""
+    def resume(self, opt: torch.optim.Optimizer | None = None) -> dict | None:
+        """Restore the last valid checkpoint written with this fingerprint; None: start afresh.
+        Without `opt` the trainer's state()/load() carry its optimizer's state (an optimizer
+        that can only be built once load() has restored the parameters)."""
         self.opt = opt
         ck = load_checkpoint(self.out_dir, self.fp)
         if ck is None:
             return None
         tens, meta = ck
         self.load(tens)
-        load_optimizer_tensors(opt, tens)
+        if opt is not None:
+            load_optimizer_tensors(opt, tens)
         self.rng.restore(tens, meta["rng"])
         self.step, self.seconds = meta["step"], meta["seconds"]
-        self.extra = {k: v for k, v in meta.items() if k not in ("fingerprint", "step", "seconds", "rng")}
+        if self.window is not None:
+            self.window.restore(tens["window"], meta["window"])
+        self.extra = {k: v for k, v in meta.items() if k not in ("fingerprint", "step", "seconds", "rng", "window")}
         self.rows = [tuple(r) for r in tens["curve"].tolist()]
         if self.progress:
             say(f"[{self.name}] resuming from step {self.step}")
@@ -211,21 +285,28 @@ class TrainLoop:
 
     def checkpoint(self) -> None:
         t = dict(self.state())
-        t.update(optimizer_tensors(self.opt))
+        if self.opt is not None:
+            t.update(optimizer_tensors(self.opt))
         rt, rm = self.rng.state()
         t.update(rt)
         t["curve"] = rows_tensor(self.rows, len(self.columns))
-        save_checkpoint(self.out_dir, t, {"fingerprint": self.fp, "step": self.step, "seconds": self.seconds,
-                                          "rng": rm, **self.extra})
-        write_curve(self.out_dir / "curve.csv", self.columns, self.rows)
+        meta = {"fingerprint": self.fp, "step": self.step, "seconds": self.seconds, "rng": rm, **self.extra}
+        if self.window is not None:
+            t["window"], meta["window"] = self.window.state(), self.window.count
+        save_checkpoint(self.out_dir, t, meta, side=self.side() if self.side else None)
+        self.write_curve()
+
+    def write_curve(self) -> None:
+        write_curve(self.out_dir / self.curve_file, self.columns, self.rows, self.formats)
 
     def run(self, step_fn: Callable, stop_at: int | None = None, train: Sequence[tuple] = ()) -> bool:
-        """Steps until cfg.steps (or `stop_at`), checkpointing every cfg.checkpoint_every; the
-        modules in `train` get requires_grad (module, flag) for the run and lose it after.
+        """Steps until the run's length (or `stop_at`), checkpointing every cfg.checkpoint_every;
+        the modules in `train` get requires_grad (module, flag) for the run and lose it after.
         True when the run is complete."""
-        cfg = self.cfg
-        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        bar = Progress(self.name, cfg.steps, self.step, cfg.log_every, self.progress)
+        cfg, total = self.cfg, self.total
+        end = total if stop_at is None else min(stop_at, total)
+        bar = Progress(self.name, total, self.step, cfg.log_every, self.progress)
+        every = max(int(cfg.log_every), 1)
         for module, flag in train:
             module.requires_grad_(flag)
         try:
@@ -235,19 +316,27 @@ class TrainLoop:
                     values, shown = step_fn(self.rng)
                     self.step += 1
                     self.seconds += t()
-                    self.rows.append((self.step, *values, self.seconds))
+                    if self.window is None:
+                        self.rows.append((self.step, *values, self.seconds))
+                    else:
+                        self.window.add(values)
+                        shown = None
+                        if self.step % every == 0 or self.step == total:
+                            values = self.window.row(values)
+                            self.rows.append((self.step, *values, self.seconds))
+                            shown = dict(zip(self.columns[1:-1], values))
                     bar.update(self.step, shown, self.seconds)
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.step < total:
                         self.checkpoint()
         finally:
             bar.close()
             for module, _ in train:
                 module.requires_grad_(False)
-        return self.step >= cfg.steps
+        return self.step >= total
 
     def finish(self, keep_checkpoint: bool = False) -> None:
         """After the trainer's outputs are written (atomically): the final curve, then the
         checkpoint goes (unless kept)."""
-        write_curve(self.out_dir / "curve.csv", self.columns, self.rows)
+        self.write_curve()
         if not keep_checkpoint:
             remove_checkpoint(self.out_dir)

@@ -68,9 +68,8 @@ def run_bench(args) -> str:
     import torch
 
     from lrf.field import save_field
-    from lrf.view.cli import default_vae, default_weights
     from lrf.view.render import Renderer
-    from lrf.view.sources import MethodSource
+    from lrf.view.sources import MethodSource, default_vae, default_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,30 +13,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def default_vae() -> tuple[dict, str]:
-    """(spec, name) of the repository config's VAE (TAEF2 if there is none)."""
-    spec, name = {"kind": "taef2", "source": "{weights}/taef2"}, "taef2"
-    cfg = REPO / "config" / "config.yaml"
-    if cfg.is_file():
-        try:
-            import yaml
-
-            vae = (yaml.safe_load(cfg.read_text()) or {}).get("vae") or {}
-            if vae.get("kind") and vae.get("source"):
-                spec, name = {"kind": vae["kind"], "source": vae["source"]}, vae.get("name", vae["kind"])
-        except Exception:  # noqa: BLE001 - an unreadable config falls back to TAEF2
-            pass
-    return spec, name
-
-
-def default_weights() -> Path:
-    if os.environ.get("LRF_WEIGHTS_DIR"):
-        return Path(os.environ["LRF_WEIGHTS_DIR"])
-    shared = Path(os.environ["LRF_SHARED"]) if os.environ.get("LRF_SHARED") else REPO.parent / "shared"
-    return shared / "weights"
+from lrf.view.sources import default_vae, default_weights  # noqa: E402 - light: no torch
 
 
 def check_port(host: str, port: int) -> None:

@@ -4,10 +4,12 @@ Methods come from lrf.methods.METHODS (field and decoder resolved as the workflo
 what exists under a scene folder: `fields/<name>/field.safetensors` and per-scene
 `align/<name>/{field,decoder}.safetensors` that no table entry names are listed under their
 folder name. Only headers are read here (channels, RGB flag), so a large results tree is cheap.
+Also the defaults both the viewer and its benchmark start from: the configured VAE and the weights folder.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,31 @@ from lrf.errors import InputError
 
 FIELD = "field.safetensors"
 DECODER = "decoder.safetensors"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_vae() -> tuple[dict, str]:
+    """(spec, name) of the repository config's VAE (TAEF2 if there is none)."""
+    spec, name = {"kind": "taef2", "source": "{weights}/taef2"}, "taef2"
+    cfg = REPO / "config" / "config.yaml"
+    if cfg.is_file():
+        try:
+            import yaml
+
+            vae = (yaml.safe_load(cfg.read_text()) or {}).get("vae") or {}
+            if vae.get("kind") and vae.get("source"):
+                spec, name = {"kind": vae["kind"], "source": vae["source"]}, vae.get("name", vae["kind"])
+        except Exception:  # noqa: BLE001 - an unreadable config falls back to TAEF2
+            pass
+    return spec, name
+
+
+def default_weights() -> Path:
+    """$LRF_WEIGHTS_DIR, else the shared folder's weights ($LRF_SHARED or ../shared beside the repository)."""
+    if os.environ.get("LRF_WEIGHTS_DIR"):
+        return Path(os.environ["LRF_WEIGHTS_DIR"])
+    shared = Path(os.environ["LRF_SHARED"]) if os.environ.get("LRF_SHARED") else REPO.parent / "shared"
+    return shared / "weights"
 
 
 @dataclass
