@@ -2,7 +2,7 @@
 FITS (decoded PSNR at training views, latent loss) and GENERALISES (held-out PSNR, LPIPS-alex).
 
     python scripts/fit_probe.py --scene results/llff/fern/prepared/scene.json \
-        --latents results/llff/fern/latents/taef2.safetensors --cfg '{"iterations": 2000}' \
+        --latents results/llff/fern/latents/taef2.safetensors --cfg '{"iterations": 2000, "eps2d": 0.1}' \
         --out /tmp/probe/fern-a --tag a
 
 Prints one JSON line. Used for the field-fit experiments of docs/experiments.md (E7); held-out
@@ -23,19 +23,12 @@ def main() -> None:
     ap.add_argument("--scene", required=True, type=Path)
     ap.add_argument("--latents", required=True, type=Path)
     ap.add_argument("--cfg", default="{}")
-    ap.add_argument("--eps2d", type=float, default=None, help="screen-space blur (latent pixels^2)")
     ap.add_argument("--weights", type=Path, default=Path("../shared/weights"))
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
-    if args.eps2d is not None:
-        import lrf.render.project as proj
-
-        d = list(proj.project_gaussians.__defaults__)
-        d[-1] = args.eps2d
-        proj.project_gaussians.__defaults__ = tuple(d)
     from lrf.evaluate import diagnosis_views, predict
     from lrf.field import fit_field
     from lrf.field.io import field_background
