@@ -15,6 +15,7 @@ from typing import ClassVar
 from lrf.errors import InputError
 
 DOWNSCALE = 8      # the VAEs' latent grid: 1/8 of the image
+EPS2D = 0.3        # 3DGS' screen-space blur (pixels^2), every rasteriser's default (lrf.render)
 
 
 def check_overrides(cls, overrides: dict | None) -> dict:
@@ -42,6 +43,16 @@ def check_overrides(cls, overrides: dict | None) -> dict:
     return overrides
 
 
+class Resumable:
+    """A trainer's config whose RESUME_FREE keys may change between a run and its resumption;
+    every other setting is in the checkpoint's fingerprint."""
+
+    RESUME_FREE: ClassVar[frozenset] = frozenset()
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+
+
 # ----------------------------------------------------------------------------- fields
 @dataclass
 class DensifyConfig:
@@ -61,7 +72,7 @@ class DensifyConfig:
 
 
 @dataclass
-class FieldConfig(DensifyConfig):
+class FieldConfig(DensifyConfig, Resumable):
     """Training settings; learning rates follow 3DGS (means scaled by the scene extent).
 
     The densification schedule is DensifyConfig's own fields (inherited, so their defaults live
@@ -80,7 +91,7 @@ class FieldConfig(DensifyConfig):
     quats_lr: float = 1e-3
     adam_eps: float = 1e-15
     lambda_dssim: float = 0.2
-    eps2d: float = 0.3                   # screen-space blur (pixels^2 of the fitted map; 3DGS' 0.3), saved
+    eps2d: float = EPS2D                 # screen-space blur (pixels^2 of the fitted map; 3DGS' 0.3), saved
                                          # with the field so every render of it uses the same
     normalize: bool = True               # ChannelNorm the maps before the loss
     ssim_data_range: float | None = None  # None: 4.0 on normalised maps, 1.0 on raw ones
@@ -105,9 +116,6 @@ class FieldConfig(DensifyConfig):
     RESUME_FREE: ClassVar[frozenset] = frozenset({"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss",
                                                   "backend", "device", "export_ply"})
 
-    def fingerprint(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
-
     def densify_config(self) -> DensifyConfig:
         """The densification schedule: this config's DensifyConfig fields."""
         return DensifyConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DensifyConfig)})
@@ -115,7 +123,7 @@ class FieldConfig(DensifyConfig):
 
 # ----------------------------------------------------------------------------- stages 1 and 3, alignment
 @dataclass
-class TrainConfig:
+class TrainConfig(Resumable):
     """Settings both stages share; stages subclass it with their own loss weights."""
 
     steps: int = 2000
@@ -155,9 +163,6 @@ class TrainConfig:
             raise InputError(f"{name}: lr must be > 0")
         if self.lpips_net not in ("alex", "vgg"):
             raise InputError(f"{name}: lpips_net must be 'alex' or 'vgg'")
-
-    def fingerprint(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
 
 
 PAIR_SAMPLING = ("matches", "weight_matches", "uniform")

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lrf.settings import EPS2D  # the screen-space blur added to the 2D covariance (non-antialiased)
+
 # Constants shared by every backend (values of gsplat / 3DGS).
-EPS2D = 0.3  # screen-space blur added to the 2D covariance (non-antialiased)
 ALPHA_THRESHOLD = 1.0 / 255.0  # pairs with alpha below this are skipped
 MAX_ALPHA = 0.99  # alpha clamp
 TRANSMITTANCE_THRESHOLD = 1e-4  # stop once T would drop to or below this
