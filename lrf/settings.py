@@ -188,6 +188,16 @@ class Stage1Config(TrainConfig):
     w_anchor: float = 1.0         # L1 to the pretrained encoder's latents (0: off). Lego-tuned,
     #                               150 steps, fern never seen: off -> held-out corr ratio
     #                               0.506 -> 0.481 but recon 27.39 -> 25.66 dB; 1.0 -> 0.495 and 26.91
+    # Latents a field can hold (issue 18, docs/experiments.md E9): the decoder may train too, and
+    # three more losses make averaged / resampled latents decodable.
+    tune_decoder: bool = False    # train the decoder with the encoder (saves decoder.safetensors)
+    decoder_lr: float = 0.0       # Adam lr of the decoder; 0: the same as lr
+    w_shift_avg: float = 0.0      # L1(D(mean of shifted encodings, each moved back), x): a 2x2 grid of
+    shift_avg_step: int = 4       # shifts {p, p+step} x {q, q+step} px at a random phase p, q per step
+    w_dec_equiv: float = 0.0      # decoder equivariance: D(warp z) vs warp(x), the same random warps
+    #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
+    w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the
+    #                               decoded image instead of on the latents)
 
     def validate(self) -> None:
         super().validate()
@@ -199,6 +209,12 @@ class Stage1Config(TrainConfig):
             raise InputError(f"Stage1Config: corr_loss must be one of {', '.join(CORR_LOSSES)}")
         if not 0 <= self.corr_margin < self.crop / 2:
             raise InputError("Stage1Config: corr_margin must be in [0, crop/2)")
+        if not 1 <= self.shift_avg_step <= 7:
+            raise InputError("Stage1Config: shift_avg_step must be in 1..7 (px, within one latent cell)")
+        if self.w_dec_equiv > 0 and self.crop < 48:
+            raise InputError("Stage1Config: w_dec_equiv needs crop >= 48 (the term skips the warped border)")
+        if self.decoder_lr < 0:
+            raise InputError("Stage1Config: decoder_lr must be >= 0")
 
 
 @dataclass

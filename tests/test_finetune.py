@@ -235,11 +235,11 @@ def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
     assert tr["before"]["matches"] > 100
     assert tr["before"]["l1"] > 0.05                  # a sub-cell shift is inconsistent before
     assert tr["after"]["l1"] < 0.9 * tr["before"]["l1"]
-    assert same(state(vae.decoder), dec0)             # decoder untouched
+    assert same(state(vae.decoder), dec0)             # decoder untouched (tune_decoder off)
     assert not same(state(vae.encoder), enc0)
     curve = pd.read_csv(tmp_path / "out" / "curve.csv")
     assert list(curve.columns) == ["step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv",
-                                    "seconds"]
+                                    "shift_avg", "dec_equiv", "out_anchor", "seconds"]
     assert curve["anchor"].iloc[0] == 0.0 and curve["anchor"].iloc[-1] > 0  # starts at the frozen encoder
     assert len(curve) == 8 and (curve["corr"] > 0).all()
     from safetensors.torch import load_file
@@ -319,7 +319,7 @@ def test_stage1_cli_run_measure_only_and_one_line_errors(tmp_path, capsys):
                  "--measure-corr", str(tmp_path / "corr"), "--cfg", cfg, "--out", str(tmp_path / "o")]) == 0
     assert "held-out corr L1" in capsys.readouterr().err
     doc = json.loads((tmp_path / "o" / "consistency.json").read_text())
-    assert doc["steps"] == 2 and set(doc["tuning"]["synthetic/shift"]) == {"heldout", "train", "recon"}
+    assert doc["steps"] == 2 and set(doc["tuning"]["synthetic/shift"]) == {"heldout", "train", "recon", "shift"}
     assert doc["measure"]["synthetic/shift"]["train"]["after"]["l1"] == pytest.approx(
         doc["tuning"]["synthetic/shift"]["train"]["after"]["l1"])
     # the tuned encoder loads through the usual spec, and --measure-only reproduces the numbers

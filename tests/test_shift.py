@@ -74,12 +74,12 @@ def texture(h: int = 64, w: int = 80, seed: int = 0) -> torch.Tensor:
     return img
 
 
-def test_shift_image_moves_content_with_replicate_padding():
+def test_shift_image_moves_the_window_with_replicate_padding():
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
-    s = shift_image(x, 2, 1)
-    assert torch.equal(s[..., 1:, 2:], x[..., :-1, :-2])
-    assert torch.equal(s[..., 0, 2:], x[..., 0, :-2])          # top row replicated
-    assert torch.equal(s[..., 1:, 0], x[..., :-1, 0])          # left column replicated
+    s = shift_image(x, 2, 1)                                   # the crop at origin (2, 1)
+    assert torch.equal(s[..., :-1, :-2], x[..., 1:, 2:])
+    assert torch.equal(s[..., -1, :-2], x[..., -1, 2:])        # bottom row replicated
+    assert torch.equal(s[..., :-1, -1], x[..., 1:, -1])        # right column replicated
     assert torch.equal(shift_image(x, 0, 0), x)
     assert torch.equal(shift_image(x[0], 2, 1), s[0])          # [C, H, W] too
     with pytest.raises(ValueError):
@@ -109,7 +109,7 @@ def test_grid_and_average():
     z = torch.randn(1, 2, 5, 5)
     torch.testing.assert_close(average_shifted([z], [(0, 0)]), z)
     torch.testing.assert_close(average_shifted([z, z], [(0, 0), (8, 0)]),
-                               0.5 * (z + shift_latent(z, -1, 0)))
+                               0.5 * (z + shift_latent(z, 1, 0)))
 
 
 def test_one_shift_grid_equals_plain_ceiling():

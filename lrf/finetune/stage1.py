@@ -46,6 +46,7 @@ before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test v
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ from lrf.io import atomic_write_json
 from lrf.settings import Stage1Config
 from lrf.scene.model import Scene
 
-CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "seconds")
+CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "shift_avg", "dec_equiv",
+                 "out_anchor", "seconds")
 log = logging.getLogger(__name__)
 
 
@@ -200,6 +202,18 @@ class ImageCache:
         left, top = origin
         return self.get(s, i)[:, top:top + size, left:left + size]
 
+    def shifted_crop(self, s: int, i: int, origin: tuple[int, int], size: int, dx: int, dy: int) -> torch.Tensor:
+        """The crop at origin + (dx, dy), dx, dy >= 0 (its content moves left/up), the image's
+        bottom/right edge replicated where that leaves the image: lrf.vae.shift.shift_image of the
+        crop, with the true pixels beyond the crop wherever the image has them."""
+        left, top = origin[0] + dx, origin[1] + dy
+        img = self.get(s, i)
+        h, w = img.shape[-2:]
+        c = img[:, top:top + size, left:left + size]
+        if c.shape[-2] < size or c.shape[-1] < size:
+            c = torch.nn.functional.pad(c[None], (0, size - c.shape[-1], 0, size - c.shape[-2]), mode="replicate")[0]
+        return c
+
 
 # ----------------------------------------------------------------------------- losses
 def correspondence_loss(z_a: torch.Tensor, z_b: torch.Tensor, xy_a: list, xy_b: list,
@@ -272,12 +286,64 @@ def equivariance_loss(vae, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor
     return d.abs().mean() / target[..., b:-b, b:-b].detach().abs().mean().clamp_min(1e-6)
 
 
+def shift_phase(rng: np.random.Generator, cfg: Stage1Config) -> list[tuple[int, int]]:
+    """The 2x2 grid of sub-cell shifts {p, p+step} x {q, q+step} px of one step, at a random phase
+    p, q in [0, 8 - step) (so every shift stays within one latent cell)."""
+    st = cfg.shift_avg_step
+    p, q = (int(v) for v in rng.integers(0, DOWNSCALE - st, 2))
+    return grid_shifts_at((p, p + st), (q, q + st))
+
+
+def grid_shifts_at(xs, ys) -> list[tuple[int, int]]:
+    return [(int(dx), int(dy)) for dy in ys for dx in xs]
+
+
+def shift_avg_loss(vae, x: torch.Tensor, shifted: torch.Tensor, shifts: list[tuple[int, int]],
+                   border: int = DOWNSCALE) -> torch.Tensor:
+    """L1(D(z_avg), x) away from `border` px at each edge, z_avg the mean of E(shifted[k]) moved back
+    by shift/8 cells (lrf.vae.shift.average_shifted): x [N,3,S,S], shifted [K,N,3,S,S] the same
+    crops with their window moved by shifts[k] (ImageCache.shifted_crop). The averaged latent is what a field holding views
+    at several sub-cell offsets draws; the decoder must give the photo back from it."""
+    from lrf.vae.shift import average_shifted
+
+    K, N = shifted.shape[:2]
+    z = vae.encode_distribution(shifted.flatten(0, 1))[0].unflatten(0, (K, N))
+    y = vae.decode(average_shifted(z.unbind(0), shifts, vae.downscale), clamp=False)
+    b = border
+    return (y - x)[..., b:-b, b:-b].abs().mean()
+
+
+def warp_valid(theta: torch.Tensor, size: int, downscale: int = DOWNSCALE) -> torch.Tensor:
+    """[N,1,size,size] bool: pixels whose warped source lies inside the crop AND whose latent cell
+    and its 8 neighbours have a warped source inside the latent grid (the decoder's border)."""
+    import torch.nn.functional as F
+
+    n = theta.shape[0]
+    mi = warp(torch.ones(n, 1, size, size), theta) > 0.999
+    mz = (warp(torch.ones(n, 1, size // downscale, size // downscale), theta) > 0.999).float()
+    mz = -F.max_pool2d(-mz, 3, 1, 1)                      # erode by one cell
+    mz = F.interpolate(mz, scale_factor=downscale, mode="nearest") > 0.5
+    return mi & mz
+
+
+def dec_equiv_loss(vae, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Decoder equivariance (EQ-VAE's direction): mean L1 between D(warp(z)) and warp(x) where both
+    warps have a valid source (warp_valid); gradients reach the decoder and, through z, the encoder."""
+    y = vae.decode(warp(z, theta), clamp=False)
+    m = warp_valid(theta, x.shape[-1], vae.downscale).to(x.device).expand_as(x)
+    d = (y - warp(x, theta)).abs()
+    return (d * m).sum() / m.sum().clamp_min(1)
+
+
 def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1Config,
                 mean0: torch.Tensor, std0: torch.Tensor, encoder0=None,
-                theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                theta: torch.Tensor | None = None, shifted: torch.Tensor | None = None,
+                shifts: list[tuple[int, int]] | None = None, recon0=None) -> dict[str, torch.Tensor]:
     """Losses of one batch: x holds the B crops of image i, then the B crops of image j.
     encoder0: the frozen pretrained encoder (needed when cfg.w_anchor > 0); theta: one random
-    warp per crop (needed when cfg.w_equiv > 0)."""
+    warp per crop (needed when cfg.w_equiv or cfg.w_dec_equiv > 0); shifted [K, 2B, 3, S, S] the
+    crops with their content moved by shifts[k] (needed when cfg.w_shift_avg > 0); recon0: the
+    frozen pretrained x -> D0(E0(x)) (needed when cfg.w_out_anchor > 0)."""
     B = len(pairs)
     z, logvar = vae.encode_distribution(x)
     if cfg.w_anchor > 0:
@@ -298,10 +364,31 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
     else:
         reg, w_reg = stats_penalty(z, mean0, std0), cfg.w_stats
     equiv = equivariance_loss(vae, x, z, theta) if cfg.w_equiv > 0 else z.new_zeros(())
+    zero = z.new_zeros(())
+    if cfg.w_shift_avg > 0:
+        if shifted is None or shifts is None:
+            raise ValueError("step_losses: w_shift_avg > 0 needs the shifted crops and their shifts")
+        savg = shift_avg_loss(vae, x, shifted, shifts)
+    else:
+        savg = zero
+    if cfg.w_dec_equiv > 0:
+        if theta is None:
+            raise ValueError("step_losses: w_dec_equiv > 0 needs one warp per crop (theta)")
+        dequiv = dec_equiv_loss(vae, x, z, theta)
+    else:
+        dequiv = zero
+    if cfg.w_out_anchor > 0:
+        if recon0 is None:
+            raise ValueError("step_losses: w_out_anchor > 0 needs the frozen pretrained autoencoder (recon0)")
+        with torch.no_grad():
+            y0 = recon0(x)
+        oanchor = (y - y0).abs().mean()
+    else:
+        oanchor = zero
     loss = (recon_l1 + cfg.w_lpips * lp + cfg.lambda_corr * corr + w_reg * reg + cfg.w_anchor * anchor
-            + cfg.w_equiv * equiv)
+            + cfg.w_equiv * equiv + cfg.w_shift_avg * savg + cfg.w_dec_equiv * dequiv + cfg.w_out_anchor * oanchor)
     return {"loss": loss, "recon_l1": recon_l1, "lpips": lp, "corr": corr, "stats": reg, "anchor": anchor,
-            "equiv": equiv}
+            "equiv": equiv, "shift_avg": savg, "dec_equiv": dequiv, "out_anchor": oanchor}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -358,8 +445,20 @@ def recon_quality(vae, latents: dict[int, torch.Tensor], cs: CorrScene, ids) -> 
 def measure(vae, cs: CorrScene) -> tuple[dict, dict[int, torch.Tensor]]:
     lat = encode_views(vae, cs)
     res = {"heldout": consistency(lat, cs, "heldout"), "train": consistency(lat, cs, "train"),
-           "recon": recon_quality(vae, lat, cs, cs.scene.test)}
+           "recon": recon_quality(vae, lat, cs, cs.scene.test), "shift": shift_quality(vae, cs, cs.scene.test)}
     return res, lat
+
+
+@torch.no_grad()
+def shift_quality(vae, cs: CorrScene, ids) -> dict:
+    """The shift-averaged ceiling (lrf.vae.shift, 4x4 grid of 0/2/4/6 px) over views `ids`: PSNR of
+    D(mean of E(shifted x), each moved back) against x, the per-view mean; None without views."""
+    from lrf.vae.shift import shift_ceiling
+
+    if not len(ids):
+        return {"psnr": None, "views": 0}
+    r = shift_ceiling(vae, cs.scene, ids)
+    return {"psnr": r["shift"], "plain": r["plain"], "views": r["views"]}
 
 
 def latent_stats(latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +477,7 @@ def latent_stats(latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 def combine(before: dict, after: dict) -> dict:
     """Per-scene before/after, split by what was measured."""
-    return {k: {"before": before[k], "after": after[k]} for k in ("heldout", "train", "recon")}
+    return {k: {"before": before[k], "after": after[k]} for k in ("heldout", "train", "recon", "shift")}
 
 
 def overall(per_scene: dict[str, dict]) -> dict:
@@ -396,51 +495,63 @@ def overall(per_scene: dict[str, dict]) -> dict:
             if n:
                 o = out[split][when]
                 o["ratio"] = o["l1"] / o["l1_random"] if o["l1_random"] else None
-    out["recon"] = {}
-    for when in ("before", "after"):
-        rows = [r["recon"][when] for r in per_scene.values() if r["recon"][when]["views"]]
-        v = sum(r["views"] for r in rows)
-        out["recon"][when] = None if v == 0 else {"psnr": sum(r["psnr"] * r["views"] for r in rows) / v, "views": v}
+    for key in ("recon", "shift"):
+        out[key] = {}
+        for when in ("before", "after"):
+            rows = [r[key][when] for r in per_scene.values() if r[key][when]["views"]]
+            v = sum(r["views"] for r in rows)
+            out[key][when] = None if v == 0 else {"psnr": sum(r["psnr"] * r["views"] for r in rows) / v, "views": v}
     return out
 
 
 # ----------------------------------------------------------------------------- training
 def fingerprint(cfg: Stage1Config, vae, tune: list[CorrScene], spec: dict | None) -> dict:
-    return loop_fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
-                            encoder0=tensors_sha256(vae.encoder.state_dict().values()),
-                            scenes=[[cs.key, cs.digest()] for cs in tune])
+    fp = loop_fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
+                          encoder0=tensors_sha256(vae.encoder.state_dict().values()),
+                          scenes=[[cs.key, cs.digest()] for cs in tune])
+    if cfg.tune_decoder or cfg.w_out_anchor > 0 or (spec or {}).get("decoder"):
+        fp["decoder0"] = tensors_sha256(vae.decoder.state_dict().values())
+    return json.loads(json.dumps(fp))
 
 
 def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: str | Path,
                  measure_scenes: list[CorrScene] = (), spec: dict | None = None,
                  stop_at: int | None = None, progress: bool = True) -> dict | None:
-    """Fine-tune vae.encoder in place; write encoder.safetensors, curve.csv, consistency.json.
+    """Fine-tune vae.encoder (and with cfg.tune_decoder vae.decoder) in place; write
+    encoder.safetensors, decoder.safetensors (the decoder stage 1 ends with: the starting one when
+    it is not tuned), curve.csv, consistency.json.
 
     Resumes from out_dir/ckpt.safetensors when valid and written with the same settings and data.
     `stop_at` ends the session after that many total steps without final outputs (as if killed:
     for tests and chunked runs); then None is returned, else the consistency report.
     """
     dev = torch.device(cfg.device)
-    enc = vae.encoder
+    enc, dec = vae.encoder, vae.decoder
     vae.requires_grad_(False)
     fp = fingerprint(cfg, vae, tune, spec)
-    # The anchor's reference: the encoder as it starts (before any checkpoint is loaded).
-    vae0 = copy.deepcopy(vae).eval() if cfg.w_anchor > 0 else None
+    # The anchors' reference: the autoencoder as it starts (before any checkpoint is loaded).
+    vae0 = copy.deepcopy(vae).eval() if (cfg.w_anchor > 0 or cfg.w_out_anchor > 0) else None
     encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
+    recon0 = (lambda x: vae0.decode(vae0.encode_distribution(x)[0], clamp=False)) if vae0 is not None else None
+    parts = [("encoder", enc)] + ([("decoder", dec)] if cfg.tune_decoder else [])
     sampler = PairSampler(tune, cfg)
     images = ImageCache(tune)
     stats: dict[str, torch.Tensor] = {}   # the starting latents' per-channel mean / std
 
     def state() -> dict:
-        return {**{f"encoder/{k}": v for k, v in enc.state_dict().items()},
+        return {**{f"{name}/{k}": v for name, m in parts for k, v in m.state_dict().items()},
                 "stats/mean": stats["mean"].cpu(), "stats/std": stats["std"].cpu()}
 
     def load(tens: dict) -> None:
-        enc.load_state_dict({k[len("encoder/"):]: v for k, v in tens.items() if k.startswith("encoder/")})
+        for name, m in parts:
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in tens.items() if k.startswith(name + "/")})
         stats["mean"], stats["std"] = tens["stats/mean"], tens["stats/std"]
 
     loop = TrainLoop("stage1", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
-    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
+    groups = [{"params": list(enc.parameters()), "lr": cfg.lr}]
+    if cfg.tune_decoder:
+        groups.append({"params": list(dec.parameters()), "lr": cfg.decoder_lr or cfg.lr})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     if loop.resume(opt) is None:
         before, lat_train = {}, []
         for cs in tune:
@@ -457,15 +568,21 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         crops = ([images.crop(p.scene, p.i, p.origin_i, cfg.crop) for p in pairs]
                  + [images.crop(p.scene, p.j, p.origin_j, cfg.crop) for p in pairs])
         x = torch.stack(crops).to(dev)
-        theta = random_warps(rng.np, len(x), cfg) if cfg.w_equiv > 0 else None
-        L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta)
+        theta = random_warps(rng.np, len(x), cfg) if (cfg.w_equiv > 0 or cfg.w_dec_equiv > 0) else None
+        shifted, shifts = None, None
+        if cfg.w_shift_avg > 0:
+            shifts = shift_phase(rng.np, cfg)
+            where = [(p.scene, p.i, p.origin_i) for p in pairs] + [(p.scene, p.j, p.origin_j) for p in pairs]
+            shifted = torch.stack([torch.stack([images.shifted_crop(sc, i, o, cfg.crop, dx, dy) for sc, i, o in where])
+                                   for dx, dy in shifts]).to(dev)
+        L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta, shifted, shifts, recon0)
         opt.zero_grad(set_to_none=True)
         L["loss"].backward()
         opt.step()
         vals = {k: float(v.detach()) for k, v in L.items()}
         return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
-    if not loop.run(step_fn, stop_at, train=[(enc, True)]):
+    if not loop.run(step_fn, stop_at, train=[(m, True) for _, m in parts]):
         return None
 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
@@ -483,6 +600,8 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
               "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
                                "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
     save_module(loop.out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": loop.step, "vae": spec})
+    save_module(loop.out_dir / "decoder.safetensors", dec, {"stage": 1, "steps": loop.step, "vae": spec,
+                                                            "tuned": cfg.tune_decoder})
     atomic_write_json(loop.out_dir / "consistency.json", report)
     loop.finish(cfg.keep_checkpoint)
     return report
@@ -504,7 +623,9 @@ def summary_line(report: dict) -> str:
         h, r = ov["heldout"], ov["recon"]
         parts.append(f"{name}: held-out corr L1 {fmt(h['before'], 'l1', '.4f')} -> {fmt(h['after'], 'l1', '.4f')} "
                      f"(ratio {fmt(h['before'], 'ratio', '.3f')} -> {fmt(h['after'], 'ratio', '.3f')}), "
-                     f"recon PSNR {fmt(r['before'], 'psnr', '.2f')} -> {fmt(r['after'], 'psnr', '.2f')} dB")
+                     f"recon PSNR {fmt(r['before'], 'psnr', '.2f')} -> {fmt(r['after'], 'psnr', '.2f')} dB"
+                     + (f", shift-averaged {fmt(ov['shift']['before'], 'psnr', '.2f')} -> "
+                        f"{fmt(ov['shift']['after'], 'psnr', '.2f')} dB" if ov.get("shift") else ""))
     head = (f"stage 1: {report['steps']} steps, {report['s_per_step']:.2f} s/step; " if "steps" in report
             else "stage 1 (measure only): ")
     return head + "; ".join(parts)
