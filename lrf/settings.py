@@ -192,12 +192,17 @@ class Stage1Config(TrainConfig):
     # three more losses make averaged / resampled latents decodable.
     tune_decoder: bool = False    # train the decoder with the encoder (saves decoder.safetensors)
     decoder_lr: float = 0.0       # Adam lr of the decoder; 0: the same as lr
-    w_shift_avg: float = 0.0      # L1(D(mean of shifted encodings, each moved back), x): a 2x2 grid of
-    shift_avg_step: int = 4       # shifts {p, p+step} x {q, q+step} px at a random phase p, q per step
+    w_shift_avg: float = 0.0      # L1(D(mean of shifted encodings, each moved back), x) on one crop per
+    shift_avg_step: int = 0       # pair: the 2x2 grid of window shifts {0, s} x {0, t} px, s and t
+    #                               drawn from 1..7 per step (0) or fixed (1..7)
     w_dec_equiv: float = 0.0      # decoder equivariance: D(warp z) vs warp(x), the same random warps
     #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
     w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the
     #                               decoded image instead of on the latents)
+    shift_measure: str = "all"    # consistency.json's shift-averaged ceiling (16 encodes per held-out
+    #                               view) on "all" scenes, only the --measure-scene ones ("measure"), "none"
+
+    RESUME_FREE = TrainConfig.RESUME_FREE | {"shift_measure"}  # measures only
 
     def validate(self) -> None:
         super().validate()
@@ -209,12 +214,14 @@ class Stage1Config(TrainConfig):
             raise InputError(f"Stage1Config: corr_loss must be one of {', '.join(CORR_LOSSES)}")
         if not 0 <= self.corr_margin < self.crop / 2:
             raise InputError("Stage1Config: corr_margin must be in [0, crop/2)")
-        if not 1 <= self.shift_avg_step <= 7:
-            raise InputError("Stage1Config: shift_avg_step must be in 1..7 (px, within one latent cell)")
+        if not 0 <= self.shift_avg_step <= 7:
+            raise InputError("Stage1Config: shift_avg_step must be in 0..7 (px within one latent cell; 0: random)")
         if self.w_dec_equiv > 0 and self.crop < 48:
             raise InputError("Stage1Config: w_dec_equiv needs crop >= 48 (the term skips the warped border)")
         if self.decoder_lr < 0:
             raise InputError("Stage1Config: decoder_lr must be >= 0")
+        if self.shift_measure not in ("all", "measure", "none"):
+            raise InputError("Stage1Config: shift_measure must be all, measure or none")
 
 
 @dataclass

@@ -287,28 +287,27 @@ def equivariance_loss(vae, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor
 
 
 def shift_phase(rng: np.random.Generator, cfg: Stage1Config) -> list[tuple[int, int]]:
-    """The 2x2 grid of sub-cell shifts {p, p+step} x {q, q+step} px of one step, at a random phase
-    p, q in [0, 8 - step) (so every shift stays within one latent cell)."""
-    st = cfg.shift_avg_step
-    p, q = (int(v) for v in rng.integers(0, DOWNSCALE - st, 2))
-    return grid_shifts_at((p, p + st), (q, q + st))
+    """The 2x2 grid of window shifts {0, s} x {0, t} px of one step (dy-major, (0, 0) first): s and t
+    drawn from 1..7 (cfg.shift_avg_step 0) or both cfg.shift_avg_step."""
+    if cfg.shift_avg_step:
+        s = t = cfg.shift_avg_step
+    else:
+        s, t = (int(v) for v in rng.integers(1, DOWNSCALE, 2))
+    return [(0, 0), (s, 0), (0, t), (s, t)]
 
 
-def grid_shifts_at(xs, ys) -> list[tuple[int, int]]:
-    return [(int(dx), int(dy)) for dy in ys for dx in xs]
-
-
-def shift_avg_loss(vae, x: torch.Tensor, shifted: torch.Tensor, shifts: list[tuple[int, int]],
+def shift_avg_loss(vae, x: torch.Tensor, z: torch.Tensor, shifted: torch.Tensor, shifts: list[tuple[int, int]],
                    border: int = DOWNSCALE) -> torch.Tensor:
-    """L1(D(z_avg), x) away from `border` px at each edge, z_avg the mean of E(shifted[k]) moved back
-    by shift/8 cells (lrf.vae.shift.average_shifted): x [N,3,S,S], shifted [K,N,3,S,S] the same
-    crops with their window moved by shifts[k] (ImageCache.shifted_crop). The averaged latent is what a field holding views
-    at several sub-cell offsets draws; the decoder must give the photo back from it."""
+    """L1(D(z_avg), x) away from `border` px at each edge: x [N,3,S,S] crops and z = E(x) their
+    latents; shifted [K-1,N,3,S,S] the same crops with their window moved by shifts[1:] (shifts[0]
+    is (0, 0), whose encoding is z; ImageCache.shifted_crop); z_avg the mean of the K encodings,
+    each moved back by shift/8 cells (lrf.vae.shift.average_shifted). The averaged latent is what a
+    field holding views at several sub-cell offsets draws; the decoder must give the photo back."""
     from lrf.vae.shift import average_shifted
 
     K, N = shifted.shape[:2]
-    z = vae.encode_distribution(shifted.flatten(0, 1))[0].unflatten(0, (K, N))
-    y = vae.decode(average_shifted(z.unbind(0), shifts, vae.downscale), clamp=False)
+    zs = vae.encode_distribution(shifted.flatten(0, 1))[0].unflatten(0, (K, N)).unbind(0)
+    y = vae.decode(average_shifted((z, *zs), shifts, vae.downscale), clamp=False)
     b = border
     return (y - x)[..., b:-b, b:-b].abs().mean()
 
@@ -341,8 +340,9 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
                 shifts: list[tuple[int, int]] | None = None, recon0=None) -> dict[str, torch.Tensor]:
     """Losses of one batch: x holds the B crops of image i, then the B crops of image j.
     encoder0: the frozen pretrained encoder (needed when cfg.w_anchor > 0); theta: one random
-    warp per crop (needed when cfg.w_equiv or cfg.w_dec_equiv > 0); shifted [K, 2B, 3, S, S] the
-    crops with their content moved by shifts[k] (needed when cfg.w_shift_avg > 0); recon0: the
+    warp per crop (needed when cfg.w_equiv or cfg.w_dec_equiv > 0); shifted [3, B, 3, S, S] the
+    first B crops with their window moved by shifts[1:] (shift_phase; needed when cfg.w_shift_avg
+    > 0); recon0: the
     frozen pretrained x -> D0(E0(x)) (needed when cfg.w_out_anchor > 0)."""
     B = len(pairs)
     z, logvar = vae.encode_distribution(x)
@@ -368,7 +368,7 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
     if cfg.w_shift_avg > 0:
         if shifted is None or shifts is None:
             raise ValueError("step_losses: w_shift_avg > 0 needs the shifted crops and their shifts")
-        savg = shift_avg_loss(vae, x, shifted, shifts)
+        savg = shift_avg_loss(vae, x[:B], z[:B], shifted, shifts)
     else:
         savg = zero
     if cfg.w_dec_equiv > 0:
@@ -442,10 +442,11 @@ def recon_quality(vae, latents: dict[int, torch.Tensor], cs: CorrScene, ids) -> 
     return {"psnr": float(np.mean(ps)) if ps else None, "l1": float(np.mean(l1)) if l1 else None, "views": len(ps)}
 
 
-def measure(vae, cs: CorrScene) -> tuple[dict, dict[int, torch.Tensor]]:
+def measure(vae, cs: CorrScene, shift: bool = True) -> tuple[dict, dict[int, torch.Tensor]]:
     lat = encode_views(vae, cs)
     res = {"heldout": consistency(lat, cs, "heldout"), "train": consistency(lat, cs, "train"),
-           "recon": recon_quality(vae, lat, cs, cs.scene.test), "shift": shift_quality(vae, cs, cs.scene.test)}
+           "recon": recon_quality(vae, lat, cs, cs.scene.test),
+           "shift": shift_quality(vae, cs, cs.scene.test if shift else [])}
     return res, lat
 
 
@@ -555,9 +556,9 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     if loop.resume(opt) is None:
         before, lat_train = {}, []
         for cs in tune:
-            before[cs.key], lat = measure(vae, cs)
+            before[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
             lat_train += [lat[i] for i in cs.scene.train]
-        mbefore = {cs.key: measure(vae, cs)[0] for cs in measure_scenes}
+        mbefore = {cs.key: measure(vae, cs, cfg.shift_measure != "none")[0] for cs in measure_scenes}
         stats["mean"], stats["std"] = latent_stats(lat_train)
         loop.extra = {"before": before, "measure_before": mbefore}
     mean0, std0 = stats["mean"].to(dev), stats["std"].to(dev)
@@ -572,9 +573,8 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         shifted, shifts = None, None
         if cfg.w_shift_avg > 0:
             shifts = shift_phase(rng.np, cfg)
-            where = [(p.scene, p.i, p.origin_i) for p in pairs] + [(p.scene, p.j, p.origin_j) for p in pairs]
-            shifted = torch.stack([torch.stack([images.shifted_crop(sc, i, o, cfg.crop, dx, dy) for sc, i, o in where])
-                                   for dx, dy in shifts]).to(dev)
+            shifted = torch.stack([torch.stack([images.shifted_crop(p.scene, p.i, p.origin_i, cfg.crop, dx, dy)
+                                                for p in pairs]) for dx, dy in shifts[1:]]).to(dev)
         L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta, shifted, shifts, recon0)
         opt.zero_grad(set_to_none=True)
         L["loss"].backward()
@@ -588,11 +588,12 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
     after, lat_train = {}, []
     for cs in tune:
-        after[cs.key], lat = measure(vae, cs)
+        after[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
         lat_train += [lat[i] for i in cs.scene.train]
     mean1, std1 = latent_stats(lat_train)
     per_scene = {k: combine(before[k], after[k]) for k in before}
-    mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs)[0]) for cs in measure_scenes}
+    mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs, cfg.shift_measure != "none")[0])
+              for cs in measure_scenes}
     report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
               "s_per_step": loop.seconds / max(loop.step, 1),
               "tuning": per_scene, "overall": overall(per_scene),
