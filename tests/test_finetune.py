@@ -567,3 +567,181 @@ def test_equivariance_term_separates_aliasing_encoders_and_trains(tmp_path):
     curve = pd.read_csv(tmp_path / "run0" / "curve.csv")
     assert (curve["equiv"] > 0).all()
     assert same(runs[0], runs[1])
+
+
+# ----------------------------------------------------------------------------- latents a field can hold (E9)
+class PoolAE(Autoencoder):
+    """8x8 average pooling / bilinear upsampling (times `gain`), with one trainable scalar per part
+    so the optimiser has something to move. On affine images (ramps) it commutes exactly with
+    sub-cell shifts and small affine warps: the identity-equivariant toy case."""
+
+    kind = "pool"
+
+    def __init__(self, gain: float = 1.0):
+        super().__init__()
+        self.latent_channels = 3
+        self.encoder = nn.Module()
+        self.encoder.g = nn.Parameter(torch.tensor(1.0))
+        self.decoder = nn.Module()
+        self.decoder.g = nn.Parameter(torch.tensor(float(gain)))
+        self.requires_grad_(False)
+
+    def _encode(self, x):
+        return self.encoder.g * torch.nn.functional.avg_pool2d(x, 8)
+
+    def _decode(self, z):
+        return self.decoder.g * torch.nn.functional.interpolate(z, scale_factor=8, mode="bilinear",
+                                                                align_corners=False)
+
+
+class UnshuffleAE(PoolAE):
+    """Lossless (pixel unshuffle / shuffle), but averaging or warping its latents mixes unrelated pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent_channels = 192
+
+    def _encode(self, x):
+        return self.encoder.g * torch.nn.functional.pixel_unshuffle(x, 8)
+
+    def _decode(self, z):
+        return self.decoder.g * torch.nn.functional.pixel_shuffle(z, 8)
+
+
+def _ramp(h: int, w: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.stack([0.1 + 0.006 * xx + 0.002 * yy, 0.8 - 0.003 * xx + 0.003 * yy, 0.2 + 0.004 * yy])[None]
+
+
+def _shifted_crops(img: torch.Tensor, size: int, shifts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop at (0, 0) of img [1,3,H,W] and, stacked [K-1,1,3,S,S], the crops at shifts[1:]."""
+    x = img[..., :size, :size]
+    return x, torch.stack([img[..., dy:dy + size, dx:dx + size] for dx, dy in shifts[1:]])
+
+
+def test_shifted_crop_is_the_window_moved_with_replicate_edges(tmp_path):
+    from lrf.finetune.stage1 import ImageCache
+    from lrf.vae.shift import shift_image
+
+    cs = shift_scene(tmp_path / "img", w=64, h=48)
+    cache = ImageCache([cs])
+    img = cache.get(0, 0)
+    assert torch.equal(cache.shifted_crop(0, 0, (8, 4), 32, 3, 5), img[:, 9:41, 11:43])
+    near = cache.shifted_crop(0, 0, (32, 16), 32, 6, 2)                 # leaves the image at the right
+    assert near.shape == (3, 32, 32)
+    assert torch.equal(near, shift_image(img[:, 16:48, 32:64], 6, 2))
+
+
+def test_shift_avg_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
+    from lrf.finetune.stage1 import shift_avg_loss, shift_phase
+
+    shifts = shift_phase(np.random.default_rng(0), Stage1Config(crop=48))
+    assert shifts[0] == (0, 0) and len(shifts) == 4 and all(0 <= d < 8 for s in shifts for d in s)
+    assert shift_phase(np.random.default_rng(0), Stage1Config(crop=48, shift_avg_step=4)) == \
+        [(0, 0), (4, 0), (0, 4), (4, 4)]
+    x, xs = _shifted_crops(_ramp(64, 64), 48, shifts)
+    pool = PoolAE()
+    assert float(shift_avg_loss(pool, x, pool.encode(x), xs, shifts)) < 1e-5
+    tex = torch.from_numpy(smooth_texture(64, 64, 1)).permute(2, 0, 1)[None].float() / 255
+    x, xs = _shifted_crops(tex, 48, shifts)
+    lossless = UnshuffleAE()
+    assert float((lossless.decode(lossless.encode(x)) - x).abs().max()) < 1e-6   # plain recon: perfect
+    assert float(shift_avg_loss(lossless, x, lossless.encode(x), xs, shifts)) > 0.01  # averaged: not
+    # a few Adam steps on the term lower it (decoder and encoder of the tiny conv AE)
+    vae = TinyAE(4, seed=0)
+    params = list(vae.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    vals = []
+    for _ in range(15):
+        loss = shift_avg_loss(vae, x, vae.encode(x), xs, shifts)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vals.append(float(loss.detach()))
+    assert vals[-1] < 0.8 * vals[0], vals
+
+
+def test_dec_equiv_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
+    from lrf.finetune.stage1 import dec_equiv_loss, random_warps, warp_valid
+
+    cfg = Stage1Config(crop=64, equiv_shift=6.0, equiv_scale=0.08, equiv_rotate_deg=4.0)
+    th = random_warps(np.random.default_rng(3), 2, cfg)
+    m = warp_valid(th, 64)
+    assert m.shape == (2, 1, 64, 64) and 0.3 < float(m.float().mean()) < 1.0
+    x = _ramp(64, 64).repeat(2, 1, 1, 1)
+    pool = PoolAE()
+    assert float(dec_equiv_loss(pool, x, pool.encode(x), th)) < 2e-3
+    tex = torch.from_numpy(smooth_texture(64, 64, 2)).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1) / 255
+    lossless = UnshuffleAE()
+    assert float(dec_equiv_loss(lossless, tex, lossless.encode(tex), th)) > 0.02
+    vae = TinyAE(4, seed=0)
+    params = list(vae.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    vals = []
+    for _ in range(15):
+        loss = dec_equiv_loss(vae, tex, vae.encode(tex), th)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vals.append(float(loss.detach()))
+    assert vals[-1] < 0.8 * vals[0], vals
+
+
+def test_output_anchor_is_zero_at_the_start_and_grows_as_the_decoder_moves():
+    import copy
+
+    from lrf.finetune.stage1 import CropPair, step_losses
+
+    vae = TinyAE(4)
+    vae0 = copy.deepcopy(vae)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pair = CropPair(0, 0, 1, (0, 0), (0, 0), np.array([[12.0, 12.0]]), np.array([[12.0, 12.0]]), 1.0)
+    cfg = Stage1Config(crop=32, w_lpips=0.0, w_anchor=0.0, w_out_anchor=0.5)
+    recon0 = lambda t: vae0.decode(vae0.encode(t), clamp=False)  # noqa: E731
+    out = step_losses(vae, None, x, [pair], cfg, torch.zeros(4), torch.ones(4), recon0=recon0)
+    assert float(out["out_anchor"]) == 0.0
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.05)
+    out = step_losses(vae, None, x, [pair], cfg, torch.zeros(4), torch.ones(4), recon0=recon0)
+    want = (vae.decode(vae.encode(x), clamp=False) - recon0(x)).abs().mean()
+    torch.testing.assert_close(out["out_anchor"], want)
+    assert float(want) > 0
+    with pytest.raises(ValueError, match="recon0"):
+        step_losses(vae, None, x, [pair], cfg, torch.zeros(4), torch.ones(4))
+
+
+def test_stage1_tunes_the_decoder_with_the_new_losses_and_resumes_exactly(tmp_path):
+    """tune_decoder: both parts move, decoder.safetensors is the tuned decoder, every new loss is
+    in the curve, and a run killed and resumed ends bit-identical; without it decoder.safetensors
+    is the starting decoder."""
+    from safetensors.torch import load_file
+
+    cs = shift_scene(tmp_path / "img", w=64, h=48)
+    over = dict(steps=4, crop=48, batch=2, lr=1e-3, decoder_lr=2e-3, w_lpips=0.0, checkpoint_every=2, seed=3,
+                tune_decoder=True, w_shift_avg=1.0, w_dec_equiv=0.5, w_out_anchor=0.5, equiv_shift=4.0)
+
+    def run(out, stop_at=None, **kw):
+        vae = TinyAE(4, seed=0)
+        rep = train_stage1(vae, None, [cs], Stage1Config(**{**over, **kw}), out, stop_at=stop_at, progress=False)
+        return vae, rep
+
+    full, rep = run(tmp_path / "full")
+    start = TinyAE(4, seed=0)
+    assert not same(state(full.decoder), state(start.decoder)) and not same(state(full.encoder), state(start.encoder))
+    assert same(load_file(str(tmp_path / "full" / "decoder.safetensors")), state(full.decoder))
+    curve = pd.read_csv(tmp_path / "full" / "curve.csv")
+    assert (curve[["shift_avg", "dec_equiv"]] > 0).all().all() and curve["out_anchor"].iloc[0] == 0.0
+    assert curve["out_anchor"].iloc[-1] > 0
+    assert set(rep["tuning"][cs.key]) == {"heldout", "train", "recon", "shift"}
+    _, cut = run(tmp_path / "cut", stop_at=3)
+    assert cut is None
+    resumed, _ = run(tmp_path / "cut")
+    assert same(state(resumed.decoder), state(full.decoder)) and same(state(resumed.encoder), state(full.encoder))
+    frozen, _ = run(tmp_path / "frozen", tune_decoder=False, steps=2)
+    assert same(state(frozen.decoder), state(start.decoder))
+    assert same(load_file(str(tmp_path / "frozen" / "decoder.safetensors")), state(start.decoder))
