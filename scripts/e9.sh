@@ -13,6 +13,7 @@
 #       OUT/vanilla's fields decoded by the arm's decoder (no refit: what the decoder alone adds)
 # Every step runs on one thread; seed 0.
 set -euo pipefail
+[ -n "${VIRTUAL_ENV:-}" ] || . /work/main/.venv/bin/activate
 mode=$1; res=$2; out=$3
 tune="nerf_synthetic/lego instant-ngp/fox nerd/statue-of-liberty llff/flower nerf_synthetic/mic"
 unseen="llff/fern strecha/herz-jesu-p25 nerd/mary-rose"

@@ -98,19 +98,29 @@ def test_field_fit_never_sees_held_out_views(fitted):
     _same(fitted["black"][0].field.tensors(), fitted["noise"][0].field.tensors(), "latent field")
 
 
-def test_stage1_never_sees_held_out_views(twins, tmp_path):
+@pytest.mark.parametrize("arm", ["encoder", "autoencoder"])
+def test_stage1_never_sees_held_out_views(twins, tmp_path, arm):
+    """Both stage-1 recipes: the encoder alone, and encoder + decoder with every loss of E9 on
+    (shift-averaged reconstruction, whose shifted crops are cut beyond the crop; encoder and
+    decoder warp equivariance; the anchors on latents and decoded images)."""
     from lrf.correspondences import mine
     from lrf.finetune.stage1 import CorrScene, Stage1Config, train_stage1
 
-    enc = {}
+    extra = {} if arm == "encoder" else dict(tune_decoder=True, w_shift_avg=1.0, w_dec_equiv=1.0, w_equiv=0.5,
+                                              w_out_anchor=0.5, decoder_lr=1e-4)
+    out = {}
     for k, s in twins.items():
         m, p = mine(s)
         assert (p["split"] == "heldout").any() and (p["split"] == "train").any()
-        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1)
+        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, **extra)
         vae = _vae()
         train_stage1(vae, None, [CorrScene(s, m, p)], cfg, tmp_path / k, progress=False)
-        enc[k] = {n: v.clone() for n, v in vae.encoder.state_dict().items()}
-    _same(enc["black"], enc["noise"], "stage-1 encoder")
+        out[k] = {**{f"encoder/{n}": v.clone() for n, v in vae.encoder.state_dict().items()},
+                  **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
+    if arm == "autoencoder":  # the decoder did train
+        start = _vae().decoder.state_dict()
+        assert any(not torch.equal(out["black"][f"decoder/{n}"], v) for n, v in start.items())
+    _same(out["black"], out["noise"], f"stage-1 {arm}")
 
 
 def test_stage3_never_sees_held_out_views(twins, fitted, tmp_path):
