@@ -199,6 +199,11 @@ class Stage1Config(TrainConfig):
     #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
     w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the
     #                               decoded image instead of on the latents)
+    val_views: int = 0            # per tuning scene, this many TRAINING views (evenly spread) are left
+    val_every: int = 0            # out of stage 1 and scored every val_every steps (plain and shift-
+    val_plain_tol: float = 0.5    # averaged ceilings); with val_every > 0 the saved weights are the
+    #                               scored step with the best shift-averaged ceiling whose plain ceiling
+    #                               is within val_plain_tol dB of the start's (step 0 if none is)
     shift_measure: str = "all"    # consistency.json's shift-averaged ceiling (16 encodes per held-out
     #                               view) on "all" scenes, only the --measure-scene ones ("measure"), "none"
 
@@ -220,6 +225,10 @@ class Stage1Config(TrainConfig):
             raise InputError("Stage1Config: w_dec_equiv needs crop >= 48 (the term skips the warped border)")
         if self.decoder_lr < 0:
             raise InputError("Stage1Config: decoder_lr must be >= 0")
+        if self.val_every < 0 or self.val_views < 0:
+            raise InputError("Stage1Config: val_every and val_views must be >= 0")
+        if self.val_every > 0 and self.val_views < 1:
+            raise InputError("Stage1Config: val_every > 0 needs val_views >= 1")
         if self.shift_measure not in ("all", "measure", "none"):
             raise InputError("Stage1Config: shift_measure must be all, measure or none")
 

@@ -745,3 +745,72 @@ def test_stage1_tunes_the_decoder_with_the_new_losses_and_resumes_exactly(tmp_pa
     frozen, _ = run(tmp_path / "frozen", tune_decoder=False, steps=2)
     assert same(state(frozen.decoder), state(start.decoder))
     assert same(load_file(str(tmp_path / "frozen" / "decoder.safetensors")), state(start.decoder))
+
+
+def chain_scene(tmp: Path, n: int = 5, shift: int = 3, w: int = 64, h: int = 48, test: tuple = (4,)) -> CorrScene:
+    """n windows of one texture, view k moved left by k*shift px: pixel (x, y) of view a is (x +
+    (b - a) * shift, y) of view b. Views in `test` are held out; matches between every pair."""
+    tex = smooth_texture(h, w + shift * n, seed=5)
+    tmp.mkdir(parents=True, exist_ok=True)
+    cams, rows, prs = [], [], []
+    for k in range(n):
+        Image.fromarray(tex[:, shift * (n - 1 - k):shift * (n - 1 - k) + w]).save(tmp / f"{k}.png")
+        cams.append(camera(f"{k}.png", tmp / f"{k}.png", w, h, "test" if k in test else "train"))
+    xs, ys = np.meshgrid(np.arange(2.5, w - shift * n - 2, 3.0), np.arange(2.5, h - 2, 3.0))
+    xs, ys = xs.ravel(), ys.ravel()
+    for a in range(n):
+        for b in range(a + 1, n):
+            m = pd.DataFrame({"image_i": a, "image_j": b, "point_id": np.arange(len(xs)),
+                              "x_i": xs.astype(np.float32), "y_i": ys.astype(np.float32),
+                              "x_j": (xs + (b - a) * shift).astype(np.float32), "y_j": ys.astype(np.float32),
+                              "err_i": np.float32(0), "err_j": np.float32(0)})
+            rows.append(m)
+            prs.append({"image_i": a, "image_j": b, "matches": len(xs), "tri_angle_deg": 5.0, "baseline_rel": 1.0,
+                        "view_angle_deg": 0.0, "weight": 1.0,
+                        "split": "heldout" if (a in test or b in test) else "train",
+                        "name_i": f"{a}.png", "name_j": f"{b}.png"})
+    matches = pd.concat(rows, ignore_index=True)
+    matches[["image_i", "image_j"]] = matches[["image_i", "image_j"]].astype(np.int32)
+    return CorrScene(Scene("synthetic", "chain", cams, root=tmp), matches, pd.DataFrame(prs))
+
+
+def test_validation_views_are_training_views_left_out_and_select_the_weights(tmp_path):
+    from lrf.finetune.stage1 import PairSampler, pick_best, validation_views
+
+    cs = chain_scene(tmp_path / "img")
+    assert cs.scene.train == [0, 1, 2, 3] and validation_views(cs.scene, 1) == [2]
+    assert validation_views(cs.scene, 2) == [1, 2] and validation_views(cs.scene, 0) == []
+    with pytest.raises(Exception, match="val_views"):
+        validation_views(cs.scene, 4)
+    cfg = Stage1Config(crop=32, corr_margin=4)
+    sampler = PairSampler([cs], cfg, exclude={0: [2]})
+    rng = np.random.default_rng(0)
+    seen = {(p.i, p.j) for p in (sampler.sample(rng) for _ in range(200))}
+    assert seen and all(2 not in ij and 4 not in ij for ij in seen)   # neither validation nor test views
+    h = [{"step": 0, "plain": 30.0, "shift": 20.0}, {"step": 2, "plain": 29.7, "shift": 22.0},
+         {"step": 4, "plain": 29.0, "shift": 23.0}]
+    assert pick_best(h, 0.5)["step"] == 2 and pick_best(h, 2.0)["step"] == 4 and pick_best(h, -1.0)["step"] == 0
+
+    over = dict(steps=4, crop=32, batch=2, lr=3e-3, decoder_lr=3e-3, w_lpips=0.0, corr_margin=4, checkpoint_every=2,
+                seed=2, tune_decoder=True, w_shift_avg=1.0, val_views=1, val_every=2, shift_measure="none")
+
+    def run(out, stop_at=None, **kw):
+        vae = TinyAE(4, seed=0)
+        return vae, train_stage1(vae, None, [cs], Stage1Config(**{**over, **kw}), out, stop_at=stop_at, progress=False)
+
+    vae, rep = run(tmp_path / "sel", val_plain_tol=100.0)
+    v = rep["validation"]
+    assert [r["step"] for r in v["history"]] == [0, 2, 4] and v["views"] == {cs.key: ["2.png"]}
+    assert v["selected_step"] == max(v["history"], key=lambda r: r["shift"])["step"]
+    _, none = run(tmp_path / "none", val_plain_tol=-100.0)        # no step qualifies: the start is kept
+    start = TinyAE(4, seed=0)
+    from safetensors.torch import load_file
+
+    assert none["validation"]["selected_step"] == 0
+    assert same(load_file(str(tmp_path / "none" / "encoder.safetensors")), state(start.encoder))
+    assert same(load_file(str(tmp_path / "none" / "decoder.safetensors")), state(start.decoder))
+    # killed after step 3 and resumed: the same history and the same selected weights
+    assert run(tmp_path / "cut", stop_at=3, val_plain_tol=100.0)[1] is None
+    again, rep2 = run(tmp_path / "cut", val_plain_tol=100.0)
+    assert rep2["validation"]["history"] == v["history"]
+    assert same(state(again.encoder), state(vae.encoder)) and same(state(again.decoder), state(vae.decoder))

@@ -150,11 +150,13 @@ class CropPair:
 class PairSampler:
     """Random crop pairs around SfM correspondences of "train" pairs (see module docstring)."""
 
-    def __init__(self, scenes: list[CorrScene], cfg: Stage1Config):
+    def __init__(self, scenes: list[CorrScene], cfg: Stage1Config, exclude: dict[int, list[int]] | None = None):
+        """exclude: scene index -> views left out of training (validation views): no pair with one."""
         self.cfg, self.scenes, self.entries = cfg, scenes, []
         unused = []
         for s, cs in enumerate(scenes):
-            groups = [g for g in pair_groups(cs, "train") if len(g[2])]
+            out = set((exclude or {}).get(s, ()))
+            groups = [g for g in pair_groups(cs, "train") if len(g[2]) and g[0] not in out and g[1] not in out]
             if not groups:
                 why = "no correspondences (empty table)" if len(cs.matches) == 0 else "no correspondences in train pairs"
                 unused.append(f"{cs.key}: {cs.source or 'correspondences'}: {why}")
@@ -507,6 +509,39 @@ def overall(per_scene: dict[str, dict]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- validation
+def validation_views(scene: Scene, k: int) -> list[int]:
+    """k of the scene's TRAINING views, evenly spread and never the first or last: stage 1's
+    validation views (left out of its training; the held-out `test` views are never among them)."""
+    train = scene.train
+    if k <= 0 or not train:
+        return []
+    if k >= len(train):
+        raise InputError(f"{scene.key}: val_views {k} would leave none of its {len(train)} training views to tune on")
+    pos = np.linspace(0, len(train) - 1, k + 2)[1:-1].round().astype(int)
+    return sorted({train[int(p)] for p in pos})
+
+
+@torch.no_grad()
+def validate(vae, tune: list[CorrScene], val: dict[int, list[int]]) -> dict:
+    """Plain and shift-averaged ceilings over every tuning scene's validation views (view means)."""
+    from lrf.vae.shift import shift_ceiling
+
+    plain, shift = [], []
+    for s, ids in val.items():
+        r = shift_ceiling(vae, tune[s].scene, ids)
+        plain += [v["plain"] for v in r["per_view"]]
+        shift += [v["shift"] for v in r["per_view"]]
+    return {"plain": float(np.mean(plain)), "shift": float(np.mean(shift)), "views": len(plain)}
+
+
+def pick_best(history: list[dict], tol: float) -> dict:
+    """The validation row with the best shift-averaged ceiling among those whose plain ceiling is
+    within `tol` dB of the first row's (the start); the first row if none is."""
+    ok = [r for r in history if r["plain"] >= history[0]["plain"] - tol]
+    return max(ok, key=lambda r: (r["shift"], -r["step"])) if ok else history[0]
+
+
 # ----------------------------------------------------------------------------- training
 def fingerprint(cfg: Stage1Config, vae, tune: list[CorrScene], spec: dict | None) -> dict:
     fp = loop_fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
@@ -537,17 +572,28 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
     recon0 = (lambda x: vae0.decode(vae0.encode_distribution(x)[0], clamp=False)) if vae0 is not None else None
     parts = [("encoder", enc)] + ([("decoder", dec)] if cfg.tune_decoder else [])
-    sampler = PairSampler(tune, cfg)
+    val = {s: v for s, cs in enumerate(tune) if (v := validation_views(cs.scene, cfg.val_views))}
+    sampler = PairSampler(tune, cfg, exclude=val)
     images = ImageCache(tune)
     stats: dict[str, torch.Tensor] = {}   # the starting latents' per-channel mean / std
+    best: dict[str, torch.Tensor] = {}    # val_every > 0: the weights of the best validated step
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {f"{name}/{k}": v.detach().clone() for name, m in parts for k, v in m.state_dict().items()}
 
     def state() -> dict:
         return {**{f"{name}/{k}": v for name, m in parts for k, v in m.state_dict().items()},
+                **{f"best/{k}": v for k, v in best.items()},
                 "stats/mean": stats["mean"].cpu(), "stats/std": stats["std"].cpu()}
 
-    def load(tens: dict) -> None:
+    def load_parts(tens: dict) -> None:
         for name, m in parts:
             m.load_state_dict({k[len(name) + 1:]: v for k, v in tens.items() if k.startswith(name + "/")})
+
+    def load(tens: dict) -> None:
+        load_parts(tens)
+        best.clear()
+        best.update({k[len("best/"):]: v.clone() for k, v in tens.items() if k.startswith("best/")})
         stats["mean"], stats["std"] = tens["stats/mean"], tens["stats/std"]
 
     loop = TrainLoop("stage1", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
@@ -557,12 +603,15 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     if loop.resume(opt) is None:
         before, lat_train = {}, []
-        for cs in tune:
+        for k, cs in enumerate(tune):
             before[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
-            lat_train += [lat[i] for i in cs.scene.train]
+            lat_train += [lat[i] for i in cs.scene.train if i not in val.get(k, ())]
         mbefore = {cs.key: measure(vae, cs, cfg.shift_measure != "none")[0] for cs in measure_scenes}
         stats["mean"], stats["std"] = latent_stats(lat_train)
         loop.extra = {"before": before, "measure_before": mbefore}
+        if cfg.val_every > 0:
+            loop.extra["val"] = [{"step": 0, **validate(vae, tune, val)}]
+            best.update(snapshot())
     mean0, std0 = stats["mean"].to(dev), stats["std"].to(dev)
     stats["mean"], stats["std"] = mean0, std0
 
@@ -581,6 +630,13 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         opt.zero_grad(set_to_none=True)
         L["loss"].backward()
         opt.step()
+        step = loop.step + 1
+        if cfg.val_every > 0 and (step % cfg.val_every == 0 or step == loop.total):
+            hist = loop.extra["val"]
+            hist.append({"step": step, **validate(vae, tune, val)})
+            if pick_best(hist, cfg.val_plain_tol)["step"] == step:
+                best.clear()
+                best.update(snapshot())
         vals = {k: float(v.detach()) for k, v in L.items()}
         return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
@@ -588,10 +644,16 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         return None
 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
+    validation = None
+    if cfg.val_every > 0:
+        chosen = pick_best(loop.extra["val"], cfg.val_plain_tol)
+        load_parts(best)
+        validation = {"views": {tune[s].key: [tune[s].scene.cameras[i].name for i in ids] for s, ids in val.items()},
+                      "history": loop.extra["val"], "selected_step": chosen["step"], "plain_tol": cfg.val_plain_tol}
     after, lat_train = {}, []
-    for cs in tune:
+    for k, cs in enumerate(tune):
         after[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
-        lat_train += [lat[i] for i in cs.scene.train]
+        lat_train += [lat[i] for i in cs.scene.train if i not in val.get(k, ())]
     mean1, std1 = latent_stats(lat_train)
     per_scene = {k: combine(before[k], after[k]) for k in before}
     mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs, cfg.shift_measure != "none")[0])
@@ -599,12 +661,13 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
               "s_per_step": loop.seconds / max(loop.step, 1),
               "tuning": per_scene, "overall": overall(per_scene),
-              "measure": mafter, "measure_overall": overall(mafter) if mafter else None,
+              "measure": mafter, "measure_overall": overall(mafter) if mafter else None, "validation": validation,
               "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
                                "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
-    save_module(loop.out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": loop.step, "vae": spec})
-    save_module(loop.out_dir / "decoder.safetensors", dec, {"stage": 1, "steps": loop.step, "vae": spec,
-                                                            "tuned": cfg.tune_decoder})
+    meta = {"stage": 1, "steps": loop.step, "vae": spec,
+            "selected_step": validation["selected_step"] if validation else loop.step}
+    save_module(loop.out_dir / "encoder.safetensors", enc, meta)
+    save_module(loop.out_dir / "decoder.safetensors", dec, {**meta, "tuned": cfg.tune_decoder})
     atomic_write_json(loop.out_dir / "consistency.json", report)
     loop.finish(cfg.keep_checkpoint)
     return report
