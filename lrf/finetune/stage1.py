@@ -1,7 +1,9 @@
-"""Stage 1, correspondence-aware autoencoding: fine-tune only the encoder on SfM correspondences.
+"""Stage 1, correspondence-aware autoencoding: fine-tune the encoder (and, with `tune_decoder`,
+the decoder) on SfM correspondences and sub-cell shifts.
 
-The latents of one 3D point should agree across views, while decode(encode(x)) through the
-frozen decoder stays x.
+The latents of one 3D point should agree across views, and latents averaged or resampled the way a
+3D field averages views (docs/experiments.md E9, issue 18) should still decode, while
+decode(encode(x)) stays x.
 
 Loss per step, over B crop pairs (2B crops):
   recon = L1(decode(encode(x)), x) + w_lpips * LPIPS   (the decoder is frozen, so the latents
@@ -14,7 +16,20 @@ Loss per step, over B crop pairs (2B crops):
           (w_anchor > 0): the frozen decoder was trained on those latents, so staying near them
           keeps decode quality on images the tuning never saw; batch statistics alone let the
           latents drift in ways the decoder cannot follow (fern recon PSNR 27.4 -> 24.9 dB)
+  equiv = (w_equiv > 0) encoder warp equivariance, L1(E(warp x), warp E(x)) / mean |warp E(x)|
+  shift_avg = (w_shift_avg > 0) L1(D(z_avg), x) on one crop per pair, z_avg the mean of the
+          encodings of the crop's window moved by {0, s} x {0, t} px (true pixels beyond the crop),
+          each moved back by the shift/8 cells (lrf.vae.shift): the shift-averaged ceiling as a loss
+  dec_equiv = (w_dec_equiv > 0) decoder warp equivariance, L1(D(warp E(x)), warp x) where both
+          warps have a valid source (EQ-VAE's direction: sub-cell shifts, small scales and rotations)
+  out_anchor = (w_out_anchor > 0) L1(D(E(x)), D0(E0(x))), an anchor on the decoded image
   loss  = recon + lambda_corr * corr + (w_kl * KL or w_stats * stats) + w_anchor * anchor
+          + w_equiv * equiv + w_shift_avg * shift_avg + w_dec_equiv * dec_equiv + w_out_anchor * out_anchor
+
+Validation (val_views, val_every): that many of each tuning scene's TRAINING views are left out
+of training (no pair with one is sampled) and scored every val_every steps; the saved weights are
+the scored step with the best shift-averaged ceiling among those whose plain ceiling is within
+val_plain_tol dB of the start's. Held-out (`test`) views are never trained on or validated on.
 
 Sampling: a tuning scene uniformly (so a scene with many matches does not drown the others),
 then a "train" pair of it with probability proportional to its match count (`pair_sampling`
@@ -32,7 +47,10 @@ refuses to write empty tables, so this only meets tables made elsewhere).
 
 consistency.json, the direct measure of 3D consistency: full images encoded once, mean latent
 L1 over the correspondences of "heldout" pairs (at least one test view) and of "train" pairs,
-before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test views.
+before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test views and their
+shift-averaged ceiling ("shift", lrf.vae.shift; `shift_measure` picks the scenes), and with
+validation its history and the selected step. Outputs: encoder.safetensors and
+decoder.safetensors (the starting decoder when it is not tuned), curve.csv, consistency.json.
 
     python -m lrf.finetune.stage1 --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
         --weights-dir ../shared/weights \
