@@ -2,11 +2,14 @@
 # One arm of docs/experiments.md E9 (issue 18: latents a field can hold), on a results folder with
 # prepared scenes, correspondences and pretrained latents of the eight scenes below.
 #   bash scripts/e9.sh stage1 RESULTS OUT NAME '{"tune_decoder": true, "w_shift_avg": 1}'
-#       stage 1 on the tuning scenes (training views only), measured on the unseen ones:
-#       OUT/NAME/{encoder,decoder}.safetensors, consistency.json (plain + shift-averaged ceilings)
+#       stage 1 on the tuning scenes (training views only): OUT/NAME/{encoder,decoder}.safetensors,
+#       consistency.json (tuning scenes; E9_MEASURE_IN_STAGE1=1 adds the unseen ones)
 #   bash scripts/e9.sh fields RESULTS OUT NAME [SCENES]
 #       the arm's encoder -> encode -> `enc` field (config.yaml's field.latent) -> evaluate with the
 #       arm's decoder, per unseen scene (OUT/NAME/fields/<scene>/eval/metrics.json)
+#   bash scripts/e9.sh measure RESULTS OUT NAME [SCENES]
+#       plain and shift-averaged ceilings of the arm's autoencoder on the unseen scenes' held-out
+#       views (OUT/NAME/shift_unseen.json)
 #   bash scripts/e9.sh vanilla RESULTS OUT [SCENES]
 #       the baseline: `vanilla` fields on RESULTS' pretrained latents (OUT/vanilla/...)
 #   bash scripts/e9.sh redecode RESULTS OUT NAME [SCENES]
@@ -31,7 +34,9 @@ case $mode in
   stage1)
     name=$4; extra=${5:-"{}"}; args=()
     for s in $tune; do args+=(--scene "$res/$s/prepared/scene.json" --corr "$res/$s/correspondences"); done
-    for s in $unseen; do args+=(--measure-scene "$res/$s/prepared/scene.json" --measure-corr "$res/$s/correspondences"); done
+    if [ -n "${E9_MEASURE_IN_STAGE1:-}" ]; then  # else: `measure` afterwards (no "before" pass per arm)
+      for s in $unseen; do args+=(--measure-scene "$res/$s/prepared/scene.json" --measure-corr "$res/$s/correspondences"); done
+    fi
     cfg=$(python -c 'import json,sys; d={"steps":200,"batch":2,"crop":96,"checkpoint_every":50,"log_every":25,"shift_measure":"measure"}; d.update(json.loads(sys.argv[1])); print(json.dumps(d))' "$extra")
     mkdir -p "$out/$name"; echo "$cfg" > "$out/$name/cfg.json"
     /usr/bin/time -f "%e s wall" python -m lrf.finetune.stage1 --vae "{$base}" --weights-dir "$weights" "${args[@]}" \
@@ -46,6 +51,11 @@ case $mode in
         --out "$d/latents.safetensors" > "$d/log.txt" 2>&1
       fit_eval "$s" "$d/latents.safetensors" "$spec" "$d" enc
     done ;;
+  measure)
+    name=$4; scenes=${5:-$unseen}; sj=()
+    for s in $scenes; do sj+=("$res/$s/prepared/scene.json"); done
+    spec="{$base,\"encoder\":\"$out/$name/encoder.safetensors\",\"decoder\":\"$out/$name/decoder.safetensors\"}"
+    python -m lrf.vae.shift --vae "$spec" --weights-dir "$weights" --scene "${sj[@]}" --out "$out/$name/shift_unseen.json" ;;
   vanilla)
     scenes=${4:-$unseen}
     for s in $scenes; do
@@ -61,5 +71,5 @@ case $mode in
         --field "$out/vanilla/fields/$s/field/field.safetensors" --vae "$spec" --weights-dir "$weights" \
         --lpips alex --threads 1 --out "$d" 2>&1 | tail -n 1
     done ;;
-  *) echo "stage1 | fields | vanilla | redecode" >&2; exit 2 ;;
+  *) echo "stage1 | measure | fields | vanilla | redecode" >&2; exit 2 ;;
 esac
