@@ -195,6 +195,7 @@ class Stage1Config(TrainConfig):
     w_shift_avg: float = 0.0      # L1(D(mean of shifted encodings, each moved back), x) on one crop per
     shift_avg_step: int = 0       # pair: the 2x2 grid of window shifts {0, s} x {0, t} px, s and t
     #                               drawn from 1..7 per step (0) or fixed (1..7)
+    shift_avg_lpips: bool = False  # the shift-averaged term is L1 + w_lpips * LPIPS, as recon is
     w_dec_equiv: float = 0.0      # decoder equivariance: D(warp z) vs warp(x), the same random warps
     #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
     w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the

@@ -647,6 +647,12 @@ def test_shift_avg_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
     lossless = UnshuffleAE()
     assert float((lossless.decode(lossless.encode(x)) - x).abs().max()) < 1e-6   # plain recon: perfect
     assert float(shift_avg_loss(lossless, x, lossless.encode(x), xs, shifts)) > 0.01  # averaged: not
+    l1 = shift_avg_loss(lossless, x, lossless.encode(x), xs, shifts)
+    fake = lambda a, b: (a - b).pow(2).mean((1, 2, 3))  # noqa: E731 - an LPIPS stand-in
+    with_lp = shift_avg_loss(lossless, x, lossless.encode(x), xs, shifts, lpips=fake, w_lpips=0.5)
+    y = lossless.decode(__import__("lrf.vae.shift", fromlist=["x"]).average_shifted(
+        [lossless.encode(x), *[lossless.encode(t) for t in xs]], shifts), clamp=False)
+    torch.testing.assert_close(with_lp, l1 + 0.5 * fake(y[..., 16:-8, 16:-8], x[..., 16:-8, 16:-8]).mean())
     # a few Adam steps on the term lower it (decoder and encoder of the tiny conv AE)
     vae = TinyAE(4, seed=0)
     params = list(vae.parameters())

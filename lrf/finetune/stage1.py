@@ -317,21 +317,25 @@ def shift_phase(rng: np.random.Generator, cfg: Stage1Config) -> list[tuple[int, 
 
 
 def shift_avg_loss(vae, x: torch.Tensor, z: torch.Tensor, shifted: torch.Tensor, shifts: list[tuple[int, int]],
-                   border: int = DOWNSCALE) -> torch.Tensor:
+                   border: int = DOWNSCALE, lpips=None, w_lpips: float = 0.0) -> torch.Tensor:
     """L1(D(z_avg), x) away from the edges: x [N,3,S,S] crops and z = E(x) their latents; shifted
     [K-1,N,3,S,S] the same crops with their window moved by shifts[1:] (shifts[0] is (0, 0), whose
     encoding is z; ImageCache.shifted_crop); z_avg the mean of the K encodings, each moved back by
     shift/8 cells (lrf.vae.shift.average_shifted). The averaged latent is what a field holding
     views at several sub-cell offsets draws; the decoder must give the photo back from it.
     Skipped: 2 * `border` px at the top/left (moving a shifted window's latents back runs off their
-    grid there) and `border` px at the bottom/right."""
+    grid there) and `border` px at the bottom/right. With `lpips`, + w_lpips * LPIPS on the same region."""
     from lrf.vae.shift import average_shifted
 
     K, N = shifted.shape[:2]
     zs = vae.encode_distribution(shifted.flatten(0, 1))[0].unflatten(0, (K, N)).unbind(0)
     y = vae.decode(average_shifted((z, *zs), shifts, vae.downscale), clamp=False)
     b = border
-    return (y - x)[..., 2 * b:-b, 2 * b:-b].abs().mean()
+    y, x = y[..., 2 * b:-b, 2 * b:-b], x[..., 2 * b:-b, 2 * b:-b]
+    loss = (y - x).abs().mean()
+    if lpips is not None and w_lpips > 0:
+        loss = loss + w_lpips * lpips(y, x).mean()
+    return loss
 
 
 def warp_valid(theta: torch.Tensor, size: int, downscale: int = DOWNSCALE) -> torch.Tensor:
@@ -390,7 +394,8 @@ def step_losses(vae, lpips, x: torch.Tensor, pairs: list[CropPair], cfg: Stage1C
     if cfg.w_shift_avg > 0:
         if shifted is None or shifts is None:
             raise ValueError("step_losses: w_shift_avg > 0 needs the shifted crops and their shifts")
-        savg = shift_avg_loss(vae, x[:B], z[:B], shifted, shifts)
+        savg = shift_avg_loss(vae, x[:B], z[:B], shifted, shifts,
+                              lpips=lpips if cfg.shift_avg_lpips else None, w_lpips=cfg.w_lpips)
     else:
         savg = zero
     if cfg.w_dec_equiv > 0:
