@@ -18,7 +18,6 @@ Checkpoints, exact resumption and progress are those of the fine-tuning stages.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -26,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, load_lpips, psnr_l1, save_module,
-                                 tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at, save_field
 from lrf.io import atomic_write_json
-from lrf.settings import AlignConfig
+from lrf.metrics import load_lpips, psnr_l1
 from lrf.scene.model import Scene
+from lrf.settings import DOWNSCALE, AlignConfig
+from lrf.train.loop import RNG, TrainLoop, fingerprint
+from lrf.vae.grid import image_tensor, latent_crop, trim8
 
 CURVE_COLUMNS = ("step", "loss", "l1", "dssim", "lpips", "seconds")
 
@@ -54,7 +55,7 @@ def train_psnr(vae, field, scene: Scene, background, backend: str, ids) -> float
     ps = []
     for i in ids:
         z = render_latent(field, scene.cameras[i], background, backend)
-        ps.append(psnr_l1(vae.decode(z[None]).float(), trim8(image_tensor(scene, i))[None])[0])
+        ps.append(psnr_l1(vae.decode(z[None]).float().cpu(), trim8(image_tensor(scene, i))[None])[0])
     return float(np.mean(ps)) if ps else None
 
 
@@ -73,6 +74,9 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
     if not ids:
         raise InputError(f"{scene.key}: no training views to align on")
     cells = cfg.crop // DOWNSCALE
+    dev = resolve_device(cfg.device, scene.key, renders=True)
+    field.to(dev)
+    background = None if background is None else torch.as_tensor(background).to(dev)
     dec = vae.decoder
     vae.requires_grad_(False)
     lrs = _field_lrs(cfg, scene_scale(scene))
@@ -105,7 +109,7 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
         for _ in range(cfg.batch):
             i = ids[int(rng.np.integers(len(ids)))]
             if i not in photos:
-                photos[i] = trim8(image_tensor(scene, i))
+                photos[i] = trim8(image_tensor(scene, i)).to(dev)
             z = render_latent(field, scene.cameras[i], background, cfg.backend)
             top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
             zs.append(z[:, top:top + ch, left:left + cw])
@@ -142,40 +146,27 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import run_main
+    from lrf.cli import run_main, start_step, step_parser
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scene", required=True, type=Path, help="prepared scene.json")
+    ap = step_parser(__doc__, vae="required", cfg="AlignConfig", renders=True)
     ap.add_argument("--field", required=True, type=Path, help="the fitted latent field.safetensors")
-    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder, decoder (the starting decoder)]")
-    ap.add_argument("--weights-dir", required=True, type=Path)
-    ap.add_argument("--cfg", default="{}", help="JSON overrides of AlignConfig")
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
         from lrf.vae.factory import load_vae
 
-        torch.set_num_threads(args.threads)
-        try:
-            spec, over = json.loads(args.vae), json.loads(args.cfg)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
-        if args.seed is not None:
-            over["seed"] = args.seed
-        cfg = AlignConfig.from_overrides(over)
         scene = Scene.load(args.scene)
+        step = start_step(args, who=scene.key, renders=True)
+        cfg = step.config(AlignConfig)
         if not args.field.is_file():
             raise InputError(f"{scene.key}: {args.field}: field file missing")
-        field = load_field(args.field)
+        field = load_field(args.field, step.device)
         meta_path = args.field.with_suffix(".json")
         field_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         bg = field_background(args.field, field.channels)
-        vae = load_vae(spec, args.weights_dir, cfg.device)
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
         lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
-        rep = align_scene(vae, field, scene, bg, cfg, args.out, lp, spec=spec, field_meta=field_meta)
+        rep = align_scene(vae, field, scene, bg, cfg, args.out, lp, spec=step.spec, field_meta=field_meta)
         tp = rep["train_psnr"]
         return (f"{scene.key}: aligned field + decoder, {rep['steps']} steps, {rep['s_per_step']:.2f} s/step; "
                 f"training-view PSNR {tp['before']:.2f} -> {tp['after']:.2f}")

@@ -18,6 +18,10 @@ DOWNSCALE = 8      # the VAEs' latent grid: 1/8 of the image
 EPS2D = 0.3        # 3DGS' screen-space blur (pixels^2), every rasteriser's default (lrf.render)
 
 
+# Settings renamed since earlier releases: an old config fails with a line naming the new key.
+RENAMED = {"iterations": "steps"}
+
+
 def check_overrides(cls, overrides: dict | None) -> dict:
     """`overrides` checked against dataclass `cls`: unknown keys and wrong types raise a one-line
     InputError; ints given for float settings become floats. Returns the checked dict."""
@@ -25,6 +29,10 @@ def check_overrides(cls, overrides: dict | None) -> dict:
         raise InputError(f"{cls.__name__}: overrides must be a mapping, got {type(overrides).__name__}")
     overrides = dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    old = sorted(k for k in overrides if k in RENAMED and RENAMED[k] in fields and k not in fields)
+    if old:
+        raise InputError(f"{cls.__name__}: " + ", ".join(f"{k!r} is now called {RENAMED[k]!r}" for k in old)
+                         + "; rename it in the config")
     bad = sorted(set(overrides) - set(fields))
     if bad:
         raise InputError(f"{cls.__name__}: unknown key(s) {', '.join(bad)}; "
@@ -52,6 +60,19 @@ class Resumable:
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
 
+    @classmethod
+    def from_overrides(cls, overrides: dict | None = None):
+        """Config from JSON overrides, with a one-line InputError for unknown keys, bad types or
+        values out of range."""
+        cfg = cls(**check_overrides(cls, overrides))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Ranges a type check cannot see (subclasses add theirs)."""
+        if getattr(self, "steps", 0) < 0:
+            raise InputError(f"{type(self).__name__}: steps must be >= 0")
+
 
 # ----------------------------------------------------------------------------- fields
 @dataclass
@@ -78,7 +99,7 @@ class FieldConfig(DensifyConfig, Resumable):
     The densification schedule is DensifyConfig's own fields (inherited, so their defaults live
     there only); config.yaml keeps them flat under field.latent / field.rgb."""
 
-    iterations: int = 30_000
+    steps: int = 30_000                  # the run's length, as every trainer's config names it
     sh_degree: int = 0
     sh_degree_interval: int = 1000       # raise the active SH degree every this many steps
     rgb: bool = False                    # RGB field: +0.5 SH offset and clamp (off for latents)
@@ -112,7 +133,7 @@ class FieldConfig(DensifyConfig, Resumable):
     device: str = "auto"
 
     # Keys that may change between a run and its resumption without invalidating it (not
-    # `iterations`: the means' learning rate decays over the whole run).
+    # `steps`: the means' learning rate decays over the whole run).
     RESUME_FREE: ClassVar[frozenset] = frozenset({"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss",
                                                   "backend", "device", "export_ply"})
 
@@ -136,19 +157,12 @@ class TrainConfig(Resumable):
     checkpoint_every: int = 250
     log_every: int = 25
     keep_checkpoint: bool = False  # keep ckpt.safetensors once the final weights are written
-    device: str = "cpu"
+    device: str = "auto"          # lrf.device.resolve_device
 
     # Keys that may change between a run and its resumption without invalidating it: `steps`
     # only moves the end (the learning rate is constant), the rest do not touch the maths.
     RESUME_FREE: ClassVar[frozenset] = frozenset({"steps", "checkpoint_every", "log_every",
                                                   "keep_checkpoint", "device"})
-
-    @classmethod
-    def from_overrides(cls, overrides: dict | None = None):
-        """Config from JSON overrides, with a one-line InputError for unknown keys or bad types."""
-        cfg = cls(**check_overrides(cls, overrides))
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -245,8 +259,8 @@ class AlignConfig(TrainConfig):
 
 
 # ----------------------------------------------------------------------------- the workflow's check
-# config section -> its dataclass. Field configs are only checked (lrf.fit builds them as given);
-# the training stages are also built and validated (ranges, e.g. crop a multiple of 8).
+# config section -> its dataclass; each section is built and validated (names, types, ranges such
+# as a crop that is a multiple of 8).
 SECTIONS = {"field.latent": FieldConfig, "field.rgb": FieldConfig, "stage1": Stage1Config,
             "stage3": Stage3Config, "align": AlignConfig}
 
@@ -259,7 +273,6 @@ def check_config(config: dict) -> None:
             node = (node or {}).get(part) if isinstance(node, dict) else None
         try:
             checked = check_overrides(cls, node)
-            if issubclass(cls, TrainConfig):
-                cls(**checked).validate()
+            cls(**checked).validate()
         except (InputError, TypeError) as e:
             raise ValueError(f"config {section}: {e}") from None

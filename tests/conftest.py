@@ -225,7 +225,8 @@ def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
                 "select": [f"{r['dataset']}/{r['scene']}" for r in rows] or "demo"})
     # one SfM thread, as the default: multi-threaded matching under load can change which points
     # COLMAP keeps (the SLURM-vs-local comparison saw different point ids once)
-    cfg["sfm"].update({"max_features": 1024, "threads": 1, "matcher": "exhaustive"})
+    cfg["sfm"].update({"max_features": 1024, "matcher": "exhaustive"})
+    assert cfg["resources"]["default"]["threads"] == 1 and "threads" not in cfg["resources"]["sfm"]
     for k, v in overrides.items():
         if v is None:
             cfg.pop(k, None)

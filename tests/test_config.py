@@ -40,7 +40,7 @@ def test_default_and_presets_pass(preset):
 
 
 # (section, a misspelt key, a key with a value of the wrong type)
-CASES = [("field.latent", "iteratoins", ("iterations", "many")),
+CASES = [("field.latent", "stpes", ("steps", "many")),
          ("field.rgb", "refine_strat", ("max_gaussians", 1.5)),
          ("stage1", "stpes", ("crop", "96")),
          ("stage3", "clean_fractoin", ("clean_fraction", True)),
@@ -60,6 +60,16 @@ def test_typo_and_wrong_type_fail_by_name(section, typo, wrong):
     key, value = wrong
     with pytest.raises(ValueError, match=rf"^config {section}: \w+: {key} must be \w+, got "):
         check_config(_with(section, key, value))
+
+
+def test_renamed_key_names_the_new_one():
+    """A run's length is `steps` in every trainer's settings; a config that still says
+    `iterations` (the field's old name) fails with a line naming the new key."""
+    with pytest.raises(ValueError, match=r"^config field.latent: FieldConfig: 'iterations' is now called 'steps'"):
+        check_config(_with("field.latent", "iterations", 2000))
+    for cls in (FieldConfig, Stage1Config, Stage3Config, AlignConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert "steps" in names and "iterations" not in names, cls
 
 
 def test_stage_ranges_are_checked_too():

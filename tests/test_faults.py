@@ -16,7 +16,9 @@ import pytest
 
 from conftest import lrf_env, make_workflow, snakemake_cmd
 
-CFG = {"iterations": 120, "refine_start": 20, "refine_stop": 80, "refine_every": 20, "reset_every": 100000,
+pytestmark = pytest.mark.slow  # killed and resumed runs, end to end
+
+CFG = {"steps": 120, "refine_start": 20, "refine_stop": 80, "refine_every": 20, "reset_every": 100000,
        "max_gaussians": 4000, "checkpoint_every": 20, "log_every": 20, "background": "mean"}
 
 
@@ -200,7 +202,7 @@ def test_steps_run_with_sockets_blocked(given_runs, tmp_path, shared_dir):
     lat = tmp_path / "lat.safetensors"
     steps = [["lrf.encode", "--scene", str(scene), "--vae", vae, "--weights-dir", w, "--threads", "1", "--out", str(lat)],
              ["lrf.fit", "--scene", str(scene), "--targets", "latents", str(lat), "--cfg",
-              json.dumps(dict(CFG, iterations=20)), "--threads", "1", "--out", str(tmp_path / "field")],
+              json.dumps(dict(CFG, steps=20)), "--threads", "1", "--out", str(tmp_path / "field")],
              ["lrf.evaluate", "--scene", str(scene), "--kind", "latent", "--method", "vanilla", "--field",
               str(tmp_path / "field" / "field.safetensors"), "--vae", vae, "--weights-dir", w, "--threads", "1",
               "--out", str(tmp_path / "eval")]]
@@ -216,7 +218,7 @@ def test_steps_run_with_sockets_blocked(given_runs, tmp_path, shared_dir):
 # --------------------------------------------------------------------------- repeatability
 FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
         "poses": "given", "max_side": 128, "max_images": 6}
-TINY_FIELD = {"iterations": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
+TINY_FIELD = {"steps": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
               "max_gaussians": 3000, "checkpoint_every": 1000, "log_every": 10, "background": "mean"}
 REPEAT_METHODS = ("vanilla",)  # prepare, SfM, encode, fit, render, decode, LPIPS; the ceiling adds 2x10 s
 
@@ -252,5 +254,5 @@ def test_two_runs_give_identical_metrics_files(shared_dir, tmp_path):
         assert not {"render_ms", "total_ms", "seconds"} & (set(doc["mean"]) | set(doc.get("fit") or {})), doc
         timing = json.loads((a / t).with_name("timing.json").read_text())
         assert timing["mean"]["total_ms"] > 0 and len(timing["per_view"]) == doc["views"]
-    assert json.loads((a / targets[-1]).read_text())["fit"]["steps"] == TINY_FIELD["iterations"]
+    assert json.loads((a / targets[-1]).read_text())["fit"]["steps"] == TINY_FIELD["steps"]
     assert json.loads((a / targets[-1]).with_name("timing.json").read_text())["fit"]["seconds"] > 0

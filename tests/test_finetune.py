@@ -14,8 +14,8 @@ from PIL import Image
 from torch import nn
 
 from lrf.checkpoint import CKPT_META, CKPT_NAME
-from lrf.finetune.common import crop_origin, inside, sample_latents
-from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, load_corr_scene,
+from lrf.vae.grid import sample_latents
+from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, crop_origin, inside, load_corr_scene,
                                  train_stage1)
 from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
 from lrf.scene.model import Camera, Scene
@@ -220,6 +220,7 @@ def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves():
     torch.testing.assert_close(out["loss"], rest + 2.0 * want)
 
 
+@pytest.mark.slow
 def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
     """A and A shifted by 4 px (half a latent cell): the pretrained encoder disagrees at exact
     correspondences; training on them lowers the disagreement; only the encoder changes."""
@@ -476,6 +477,7 @@ def fern_subset(run, tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScen
     return CorrScene(scene, m, pairs)
 
 
+@pytest.mark.slow
 def test_fern_smoke_heldout_consistency(tmp_path, taef2, given_runs):
     import copy
 

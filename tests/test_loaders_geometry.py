@@ -18,6 +18,8 @@ from lrf.scene.loaders import load_scene, read_strecha_camera
 from lrf.scene.model import Scene, SceneError
 from lrf.sfm import run_sfm
 
+pytestmark = pytest.mark.slow  # SfM on real scenes (the session's given_runs)
+
 MAX_MEAN_REPROJ_PX = 1.5
 
 

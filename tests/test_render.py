@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lrf.bench import make_scene
-from lrf.render import RenderOutput, _resolve_backend, rasterize
+from lrf.errors import InputError
+from lrf.render import RenderOutput, rasterize, resolve_backend
 from lrf.render.cpu import composite_cpu
 from lrf.render.project import project_gaussians
 from lrf.render.reference import composite_reference
@@ -171,14 +172,14 @@ def test_single_isotropic_gaussian_peak():
 
 
 def test_auto_backend_is_cpu_on_cpu_tensors():
-    assert _resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     scene = mixed_scene(200, 3, 20, 15, seed=4)
     kw = {k: scene[k] for k in ("viewmat", "K", "width", "height", "background")}
     args = [scene[k] for k in PARAMS[:5]]
     a = rasterize(*args, **kw, backend="auto")
     b = rasterize(*args, **kw, backend="cpu")
     assert torch.equal(a.image, b.image) and torch.equal(a.alpha, b.alpha)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="^backend: unknown 'nope'"):
         rasterize(*args, **kw, backend="nope")
 
 
@@ -229,11 +230,11 @@ def test_composite_functions_agree_directly():
 
 
 def test_gsplat_backend_needs_cuda_tensors():
-    """backend='gsplat' on CPU tensors: a ValueError before gsplat is imported (tests/test_gpu.py
-    covers CUDA without gsplat)."""
+    """backend='gsplat' on CPU tensors: one line from lrf.render.resolve_backend before gsplat is
+    imported (tests/test_gpu.py covers CUDA without gsplat)."""
     scene = mixed_scene(20, 3, 8, 8, seed=10)
     args = [scene[k] for k in PARAMS[:5]]
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(InputError, match="^gsplat: backend 'gsplat' renders on CUDA only"):
         rasterize(*args, scene["viewmat"], scene["K"], 8, 8, backend="gsplat")
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,13 +55,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, crop_origin, image_tensor, inside, psnr_l1, sample_latents, save_module,
-                                 stage_main, tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
 from lrf.io import atomic_write_json
-from lrf.settings import Stage1Config
+from lrf.metrics import psnr_l1
 from lrf.scene.model import Scene
+from lrf.settings import DOWNSCALE, Stage1Config
+from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
+from lrf.vae.grid import image_tensor, sample_latents, trim8
 
 CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "seconds")
 log = logging.getLogger(__name__)
@@ -131,6 +134,23 @@ def pair_groups(cs: CorrScene, split: str):
     for (i, j), g in m.groupby(["image_i", "image_j"], sort=True):
         yield (int(i), int(j), g[["x_i", "y_i"]].to_numpy(np.float64), g[["x_j", "y_j"]].to_numpy(np.float64),
                float(g["weight"].iloc[0]))
+
+
+def crop_origin(rng: np.random.Generator, x: float, size: int, length: int, margin: float) -> int:
+    """Random integer origin o of a crop [o, o+size) inside [0, length) such that the continuous
+    coordinate x lies in [o + margin, o + size - margin). Any integer, not only multiples of 8:
+    sub-cell offsets between the two crops of a pair are the inconsistency stage 1 removes."""
+    hi = min(length - size, math.floor(x - margin))
+    lo = max(0, math.floor(x + margin - size) + 1)
+    if lo > hi:  # the point is too near a border for the margin: best effort, centred on it
+        return int(np.clip(round(x - size / 2), 0, max(length - size, 0)))
+    return int(rng.integers(lo, hi + 1))
+
+
+def inside(xy: np.ndarray, left: int, top: int, size: int, margin: float) -> np.ndarray:
+    """Which pixels [M, 2] lie in the crop at (left, top), at least `margin` px from its edges."""
+    x, y = xy[:, 0] - left, xy[:, 1] - top
+    return (x >= margin) & (x < size - margin) & (y >= margin) & (y < size - margin)
 
 
 @dataclass
@@ -420,7 +440,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     `stop_at` ends the session after that many total steps without final outputs (as if killed:
     for tests and chunked runs); then None is returned, else the consistency report.
     """
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device, "stage 1")
     enc = vae.encoder
     vae.requires_grad_(False)
     fp = fingerprint(cfg, vae, tune, spec)
@@ -511,21 +531,34 @@ def summary_line(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _scene_list(scenes, corrs, what: str) -> list[CorrScene]:
-    scenes, corrs = scenes or [], corrs or []
-    if len(scenes) != len(corrs):
-        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(corrs)} correspondence folder(s); "
-                         "give them in pairs")
-    return [load_corr_scene(s, c) for s, c in zip(scenes, corrs)]
-
-
 def main(argv=None) -> int:
-    return stage_main(argv, __doc__.splitlines()[0], stage=1, part="encoder", paired="corr", paired_metavar="CORR_DIR",
-                      paired_help="its correspondences folder",
-                      spec_help="JSON spec: kind, source[, encoder (start point or, with --measure-only, the tuned encoder)]",
-                      config=Stage1Config, report="consistency.json", scene_list=_scene_list, train=train_stage1,
-                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes),
-                      summary_line=summary_line)
+    from lrf.cli import run_main, start_step
+    from lrf.finetune.common import paired_scenes, pretrained_and_tuned, stage_parser
+    from lrf.metrics import load_lpips
+    from lrf.vae.factory import load_vae
+
+    args = stage_parser(__doc__, "corr", "its correspondences folder", "Stage1Config").parse_args(argv)
+
+    def go():
+        step = start_step(args, who="stage 1")
+        cfg = step.config(Stage1Config)
+        measured = paired_scenes(args.measure_scene, args.measure_corr, "--measure-scene/--measure-corr",
+                                 load_corr_scene)
+        if args.measure_only:
+            if not measured:
+                raise InputError("--measure-only: give --measure-scene/--measure-corr")
+            before, after, spec = pretrained_and_tuned(step.spec, "encoder", args.out, args.weights_dir, cfg.device)
+            report = dict(measure_only(before, after, measured), vae=spec)
+            atomic_write_json(args.out / "consistency.json", report)
+            return summary_line(report)
+        tune = paired_scenes(args.scene, args.corr, "--scene/--corr", load_corr_scene)
+        if not tune:
+            raise InputError("stage 1: give at least one --scene SCENE_JSON --corr CORR_DIR")
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
+        lpips = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        return summary_line(train_stage1(vae, lpips, tune, cfg, args.out, measured, spec=step.spec))
+
+    return run_main(go)
 
 
 if __name__ == "__main__":

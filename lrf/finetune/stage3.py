@@ -32,14 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, psnr_l1, save_module, stage_main,
-                                 tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at
 from lrf.io import atomic_write_json
-from lrf.settings import Stage3Config
+from lrf.metrics import psnr_l1
 from lrf.scene.model import Scene
+from lrf.settings import DOWNSCALE, Stage3Config
+from lrf.train.loop import RNG, TrainLoop, fingerprint
+from lrf.vae.grid import image_tensor, latent_crop, trim8
 
 CURVE_COLUMNS = ("step", "loss", "l1", "lpips", "clean", "seconds")
 
@@ -170,7 +172,7 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
 
     Same resume / stop_at contract as lrf.finetune.stage1.train_stage1.
     """
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device, "stage 3")
     dec = vae.decoder
     vae.requires_grad_(False)
     cells = cfg.crop // DOWNSCALE
@@ -264,21 +266,34 @@ def summary_line(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _scene_list(scenes, fields, what: str) -> list[AlignScene]:
-    scenes, fields = scenes or [], fields or []
-    if len(scenes) != len(fields):
-        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(fields)} field file(s); give them in pairs")
-    return [load_align_scene(s, f) for s, f in zip(scenes, fields)]
-
-
 def main(argv=None) -> int:
-    return stage_main(argv, __doc__.splitlines()[0], stage=3, part="decoder", paired="field", paired_metavar="FIELD",
-                      paired_help="its latent field.safetensors",
-                      spec_help="JSON spec: kind, source, encoder (stage 1)[, decoder (start point or, with "
-                                "--measure-only, the tuned decoder)]",
-                      config=Stage3Config, report="alignment.json", scene_list=_scene_list, train=train_stage3,
-                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes, cfg.backend),
-                      summary_line=summary_line)
+    from lrf.cli import run_main, start_step
+    from lrf.finetune.common import paired_scenes, pretrained_and_tuned, stage_parser
+    from lrf.metrics import load_lpips
+    from lrf.vae.factory import load_vae
+
+    args = stage_parser(__doc__, "field", "its latent field.safetensors", "Stage3Config", renders=True).parse_args(argv)
+
+    def go():
+        step = start_step(args, who="stage 3", renders=True)
+        cfg = step.config(Stage3Config)
+        measured = paired_scenes(args.measure_scene, args.measure_field, "--measure-scene/--measure-field",
+                                 load_align_scene)
+        if args.measure_only:
+            if not measured:
+                raise InputError("--measure-only: give --measure-scene/--measure-field")
+            before, after, spec = pretrained_and_tuned(step.spec, "decoder", args.out, args.weights_dir, cfg.device)
+            report = dict(measure_only(before, after, measured, cfg.backend), vae=spec)
+            atomic_write_json(args.out / "alignment.json", report)
+            return summary_line(report)
+        scenes = paired_scenes(args.scene, args.field, "--scene/--field", load_align_scene)
+        if not scenes:
+            raise InputError("stage 3: give at least one --scene SCENE_JSON --field FIELD")
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
+        lpips = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        return summary_line(train_stage3(vae, lpips, scenes, cfg, args.out, measured, spec=step.spec))
+
+    return run_main(go)
 
 
 if __name__ == "__main__":

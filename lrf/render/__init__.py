@@ -19,25 +19,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lrf.errors import InputError
+
 from .gsplat_backend import GsplatError, gsplat_problem, rasterize_gsplat  # light: imports no gsplat
 from .project import EPS2D, RenderOutput, project_gaussians
 
-__all__ = ["RenderOutput", "rasterize", "BACKENDS", "GsplatError"]
+__all__ = ["RenderOutput", "rasterize", "resolve_backend", "BACKENDS", "GsplatError"]
 
 BACKENDS = ("auto", "cpu", "reference", "gsplat")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, who: str = "") -> str:
+    """The one place that decides which rasteriser renders on `device` (see the module docstring).
+
+    Returns "gsplat", "cpu" or "reference"; a one-line InputError / GsplatError (prefixed with
+    `who`, e.g. ``llff/fern``) where the setting cannot be honoured: gsplat on the CPU, or gsplat
+    on CUDA without its kernels (no silent fallback to the ~100x slower pure-PyTorch path)."""
+    prefix = f"{who}: " if who else ""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    if device.type != "cuda":
-        return "cpu"
-    problem = gsplat_problem(device)
-    if problem:
-        raise GsplatError(problem)
-    return "gsplat"
+        raise InputError(f"{prefix}backend: unknown {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "gsplat" and device.type != "cuda":
+        raise GsplatError(f"{prefix}gsplat: backend 'gsplat' renders on CUDA only, and this step runs on the CPU")
+    if device.type == "cuda" and backend in ("auto", "gsplat"):
+        problem = gsplat_problem(device)
+        if problem:
+            raise GsplatError(f"{prefix}{problem}; `backend: cpu` renders with the pure-PyTorch rasterizer instead")
+        return "gsplat"
+    return "cpu" if backend == "auto" else backend
 
 
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
@@ -55,7 +63,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     ``radii == 0``, ``means2d == 0`` and zero gradients.
     """
     width, height = int(width), int(height)
-    backend = _resolve_backend(backend, means.device)
+    backend = resolve_backend(backend, means.device)
     C = features.shape[-1]
     if background is None:
         background = features.new_zeros(C)

@@ -19,8 +19,7 @@ checkpoint removed. A trainer plugs in a step function and its state:
 `step_fn(rng)` does one optimisation step and returns (the curve row's values between `step` and
 `seconds`, the values shown in the progress line).
 
-The field fit uses the same loop with three twists, each a keyword of TrainLoop: its length is
-`cfg.iterations` (`steps_key`); its optimizer is rebuilt from the checkpoint, since densification
+The field fit uses the same loop with two twists, each a keyword of TrainLoop: its optimizer is rebuilt from the checkpoint, since densification
 changes the parameters' shapes (`resume()` without an optimizer: `state`/`load` carry Adam's state,
 with `optimizer_tensors(opt, named=True)`); and it logs a row every `log_every` steps with the mean
 loss since the last row (`mean_of`), summed on the device so a step need not wait for the GPU.
@@ -238,7 +237,6 @@ class TrainLoop:
     """See the module docstring. `state()` returns the trainer's tensors to checkpoint (its
     modules' weights and anything else it must restore); `load(tensors)` puts them back.
 
-    steps_key: the config's attribute holding the run's length ("steps"; the field's "iterations").
     curve_file, formats: the curve CSV's name and its columns' formats (write_curve).
     mean_of: columns averaged over the steps since the previous row; when given, a row is written
       only every cfg.log_every steps (and at the end) and the progress shows the rows.
@@ -247,13 +245,13 @@ class TrainLoop:
 
     def __init__(self, name: str, out_dir: str | Path, fp: dict, cfg, columns: Sequence[str],
                  state: Callable[[], dict[str, torch.Tensor]], load: Callable[[dict], None],
-                 progress: bool = True, *, steps_key: str = "steps", curve_file: str = "curve.csv",
+                 progress: bool = True, *, curve_file: str = "curve.csv",
                  formats: dict[str, str] | None = None, mean_of: Sequence[str] = (),
                  side: Callable[[], dict] | None = None):
         self.name, self.out_dir, self.fp, self.cfg, self.columns = name, Path(out_dir), fp, cfg, tuple(columns)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state, self.load, self.progress = state, load, progress
-        self.total = int(getattr(cfg, steps_key))
+        self.total = int(cfg.steps)  # every trainer's config names its length `steps`
         self.curve_file, self.formats, self.side = curve_file, formats, side
         self.window = Window(self.columns[1:-1], mean_of) if mean_of else None
         self.rng = RNG(cfg.seed)
