@@ -39,6 +39,26 @@ def test_default_and_presets_pass(preset):
     check_config(cfg)
 
 
+def test_cross_dataset_preset_selects_the_corpus(shared_dir):
+    """Tune on six scenes, evaluate on three others; `select` (the corpus group) holds all nine,
+    each a row of the sheet whose folder exists."""
+    import pandas as pd
+
+    preset = yaml.safe_load((REPO / "config" / "presets" / "cross-dataset.yaml").read_text())
+    tune, ev = preset["protocol"]["tune"], preset["protocol"]["eval"]
+    assert tune == ["nerf_synthetic/lego", "instant-ngp/fox", "nerd/statue-of-liberty", "llff/flower",
+                    "nerf_synthetic/mic", "middlebury/temple-sparse-ring"]
+    assert ev == ["llff/fern", "strecha/herz-jesu-p25", "nerd/mary-rose"]
+    corpus = DEFAULT["groups"][preset["select"]]
+    assert preset["select"] == "corpus" and sorted(corpus) == sorted(tune + ev) and len(set(corpus)) == 9
+    sheet = pd.read_csv(REPO / "config" / "scenes.tsv", sep="\t", dtype=str, keep_default_na=False)
+    rows = {f"{r.dataset}/{r.scene}": r for r in sheet.itertuples()}
+    assert set(corpus) <= set(rows)
+    for key in corpus:
+        assert (shared_dir / "data" / rows[key].path).is_dir(), key
+    assert rows["middlebury/temple-sparse-ring"].format == "middlebury"
+
+
 # (section, a misspelt key, a key with a value of the wrong type)
 CASES = [("field.latent", "stpes", ("steps", "many")),
          ("field.rgb", "refine_strat", ("max_gaussians", 1.5)),
