@@ -158,6 +158,15 @@ class TrainConfig(Resumable):
     log_every: int = 25
     keep_checkpoint: bool = False  # keep ckpt.safetensors once the final weights are written
     device: str = "auto"          # lrf.device.resolve_device
+    # Checkpoint selection (stages 1 and 3; the alignment ignores it): score the weights on
+    # validation views carved out of the tuning scenes' TRAINING views (lrf.scene.model.
+    # validation_views; training no longer reads them) at step 0, every `validate_every` steps and
+    # at the end, and ship the best eligible step; step 0 is a candidate, so a stage never ships
+    # weights worse than its start by its own criterion. 0: off (every training view trains).
+    validate_every: int = 0
+    val_views: int = 3            # at most this many validation views per tuning scene (at least 1)
+    val_max_drop_db: float = 0.3  # eligible: clean encode-decode PSNR at the validation views at
+    #                               most this far below step 0's
 
     # Keys that may change between a run and its resumption without invalidating it: `steps`
     # only moves the end (the learning rate is constant), the rest do not touch the maths.
@@ -168,13 +177,17 @@ class TrainConfig(Resumable):
         name = type(self).__name__
         if self.crop <= 0 or self.crop % DOWNSCALE:
             raise InputError(f"{name}: crop must be a positive multiple of {DOWNSCALE}, got {self.crop}")
-        for k in ("steps", "checkpoint_every", "log_every"):
+        for k in ("steps", "checkpoint_every", "log_every", "validate_every"):
             if getattr(self, k) < 0:
                 raise InputError(f"{name}: {k} must be >= 0")
         if self.batch < 1:
             raise InputError(f"{name}: batch must be >= 1")
         if self.lr <= 0:
             raise InputError(f"{name}: lr must be > 0")
+        if self.val_views < 1:
+            raise InputError(f"{name}: val_views must be >= 1")
+        if self.val_max_drop_db < 0:
+            raise InputError(f"{name}: val_max_drop_db must be >= 0")
         if self.lpips_net not in ("alex", "vgg"):
             raise InputError(f"{name}: lpips_net must be 'alex' or 'vgg'")
 
