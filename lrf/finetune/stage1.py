@@ -30,6 +30,12 @@ matches.parquet, as long as another tuning scene has some; if none has, the run 
 line, `ERROR <dataset>/<scene>: <.../matches.parquet>: <reason>` (lrf.correspondences itself
 refuses to write empty tables, so this only meets tables made elsewhere).
 
+With `validate_every` > 0 a few training views per scene (lrf.scene.model.validation_views) choose
+the encoder that ships (lrf.train.loop): pairs that involve one leave training; `criterion`, the
+one place that says what "best" is, scores each validated step, 0 (the pretrained encoder)
+included, by the matched/random latent L1 ratio of the validation views' pairs, among the steps
+whose decode(encode(x)) PSNR at the validation views is at most `val_max_drop_db` under step 0's.
+
 consistency.json, the direct measure of 3D consistency: full images encoded once, mean latent
 L1 over the correspondences of "heldout" pairs (at least one test view) and of "train" pairs,
 before (pretrained encoder) and after; plus decode(encode(x)) PSNR on the test views.
@@ -424,6 +430,88 @@ def overall(per_scene: dict[str, dict]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- checkpoint selection
+VAL_SPLIT, EXCLUDED = "val", "excluded"   # pair splits of a scene with validation views
+
+
+def with_validation_views(cs: CorrScene, views: list[int]) -> CorrScene:
+    """The scene with `views` out of training: of its "train" pairs that involve one, those between
+    two validation views and each validation view's pair with the most matches to a training view
+    become "val" (measured), the others "excluded" (neither trained on nor measured: measuring them
+    all would encode every view at each validation)."""
+    p = cs.pairs.copy()
+    v = set(views)
+    a, b = p["image_i"].isin(v), p["image_j"].isin(v)
+    touch = (p["split"] == "train") & (a | b)
+    keep = touch & a & b
+    for i in views:
+        mine = p.index[touch & ~(a & b) & ((p["image_i"] == i) | (p["image_j"] == i))]
+        if len(mine):
+            keep[p.loc[mine, "matches"].astype(np.int64).idxmax()] = True
+    p.loc[touch, "split"] = EXCLUDED
+    p.loc[keep, "split"] = VAL_SPLIT
+    return CorrScene(cs.scene, cs.matches, p, cs.source)
+
+
+def split_for_validation(tune: list[CorrScene], cfg: Stage1Config) -> tuple[list[CorrScene], dict[str, list[int]]]:
+    """(tuning scenes with their validation views out of training, {scene key: validation views});
+    unchanged and empty when validation is off."""
+    if not cfg.validate_every:
+        return list(tune), {}
+    from lrf.scene.model import validation_views
+
+    val = {cs.key: validation_views(cs.scene, cfg.val_views) for cs in tune}
+    tune = [with_validation_views(cs, val[cs.key]) for cs in tune]
+    if not any(len(cs.pairs[cs.pairs["split"] == VAL_SPLIT]) for cs in tune):
+        raise InputError("stage 1: no validation view has correspondences with another training view; "
+                         "set validate_every 0")
+    return tune, val
+
+
+@torch.no_grad()
+def validation_metrics(vae, tune: list[CorrScene], val: dict[str, list[int]]) -> dict:
+    """At the validation views: the matched/random latent L1 ratio of their "val" pairs (match-pooled
+    over scenes) and decode(encode(x)) PSNR (view-pooled)."""
+    l1 = rnd = 0.0
+    n, psnr = 0, []
+    for cs in tune:
+        views = val.get(cs.key) or []
+        if not views:
+            continue
+        p = cs.pairs[cs.pairs["split"] == VAL_SPLIT]
+        lat = encode_views(vae, cs, sorted(set(views) | set(p["image_i"].tolist()) | set(p["image_j"].tolist())))
+        c = consistency(lat, cs, VAL_SPLIT)
+        if c["matches"]:
+            l1, rnd, n = l1 + c["l1"] * c["matches"], rnd + c["l1_random"] * c["matches"], n + c["matches"]
+        psnr += [recon_quality(vae, lat, cs, [i])["psnr"] for i in views]
+    return {"ratio": l1 / rnd if rnd > 0 else None, "l1": l1 / n if n else None, "matches": n,
+            "recon_psnr": float(np.mean(psnr))}
+
+
+def criterion(m: dict, ref: dict, cfg: Stage1Config) -> tuple[float, bool]:
+    """(score, eligible) of validation_metrics `m` against step 0's `ref`: the lower matched/random
+    ratio, among steps whose reconstruction is at most val_max_drop_db under the pretrained
+    autoencoder's. Stage 1's one place that says what "best" is (branch `ae`'s shift-averaged
+    ceiling, lrf.vae.shift, is meant to replace the ratio here)."""
+    if m["ratio"] is None:  # collapsed latents (all alike): not a candidate
+        return -math.inf, False
+    return -m["ratio"], m["recon_psnr"] >= ref["recon_psnr"] - cfg.val_max_drop_db
+
+
+CRITERION_TEXT = {"score": "-ratio (matched/random latent L1 ratio of the validation views' pairs; higher is better)",
+                  "guard": "recon_psnr >= step 0's - {drop} dB (decode(encode(x)) at the validation views)"}
+
+
+def selection_report(loop: TrainLoop, tune: list[CorrScene], val: dict[str, list[int]]) -> dict | None:
+    """consistency.json's "validation": the views, the criterion, the chosen step and the curve."""
+    sel = loop.validation()
+    if sel is None:
+        return None
+    return {"views": {cs.key: [cs.scene.cameras[i].name for i in val.get(cs.key, [])] for cs in tune},
+            "criterion": CRITERION_TEXT["score"],
+            "guard": CRITERION_TEXT["guard"].format(drop=loop.cfg.val_max_drop_db), **sel}
+
+
 # ----------------------------------------------------------------------------- training
 def fingerprint(cfg: Stage1Config, vae, tune: list[CorrScene], spec: dict | None) -> dict:
     return loop_fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder")},
@@ -443,6 +531,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     dev = resolve_device(cfg.device, "stage 1")
     enc = vae.encoder
     vae.requires_grad_(False)
+    tune, val = split_for_validation(tune, cfg)   # validation views' pairs leave training
     fp = fingerprint(cfg, vae, tune, spec)
     # The anchor's reference: the encoder as it starts (before any checkpoint is loaded).
     vae0 = copy.deepcopy(vae).eval() if cfg.w_anchor > 0 else None
@@ -465,7 +554,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         before, lat_train = {}, []
         for cs in tune:
             before[cs.key], lat = measure(vae, cs)
-            lat_train += [lat[i] for i in cs.scene.train]
+            lat_train += [lat[i] for i in cs.scene.train if i not in val.get(cs.key, ())]
         mbefore = {cs.key: measure(vae, cs)[0] for cs in measure_scenes}
         stats["mean"], stats["std"] = latent_stats(lat_train)
         loop.extra = {"before": before, "measure_before": mbefore}
@@ -485,7 +574,12 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         vals = {k: float(v.detach()) for k, v in L.items()}
         return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
-    if not loop.run(step_fn, stop_at, train=[(enc, True)]):
+    def validate():
+        m = validation_metrics(vae, tune, val)
+        ref = loop.extra.setdefault("val_reference", m)  # the first call: step 0, the pretrained encoder
+        return (*criterion(m, ref, cfg), m)
+
+    if not loop.run(step_fn, stop_at, train=[(enc, True)], validate=validate):
         return None
 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
@@ -501,8 +595,10 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
               "tuning": per_scene, "overall": overall(per_scene),
               "measure": mafter, "measure_overall": overall(mafter) if mafter else None,
               "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
-                               "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
-    save_module(loop.out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": loop.step, "vae": spec})
+                               "after": {"mean": mean1.tolist(), "std": std1.tolist()}},
+              "validation": selection_report(loop, tune, val)}
+    save_module(loop.out_dir / "encoder.safetensors", enc, {"stage": 1, "steps": loop.step, "vae": spec,
+                                                            "chosen_step": loop.best_step})
     atomic_write_json(loop.out_dir / "consistency.json", report)
     loop.finish(cfg.keep_checkpoint)
     return report
