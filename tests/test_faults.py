@@ -86,7 +86,8 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, final: str, min_step: int,
 
 def _kill_rerun_compare(cmd, ref: Path, out: Path, final: str, env: dict, min_step: int = 4) -> str:
     """An uninterrupted run beside one killed after a checkpoint; rerun the killed one to the end
-    with the same command; the final weights must be bit-identical. Returns the rerun's stderr."""
+    with the same command; the final weights and validation rows must be bit-identical. Returns the
+    rerun's stderr."""
     whole = subprocess.Popen(cmd(ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _kill_after_checkpoint(cmd(out), out, final, min_step, env)
     _, err = whole.communicate(timeout=600)
@@ -100,6 +101,10 @@ def _kill_rerun_compare(cmd, ref: Path, out: Path, final: str, env: dict, min_st
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert not (out / "ckpt.safetensors").exists()  # consumed: the finished run cleans up
+    import pandas as pd  # checkpoint selection (validate_every): the same validations, so the same choice
+
+    va, vb = (pd.read_csv(d / "val.csv").drop(columns="seconds") for d in (ref, out))
+    assert va["step"].tolist() == [0, 3, 6, 9, 10] and va.equals(vb)
     return done.stderr
 
 
@@ -138,7 +143,7 @@ def test_sigkill_during_stage1_then_rerun_is_exact(small_fern, tmp_path, shared_
     m, pairs = corr.mine(Scene.load(scene_json))
     corr.write(tmp_path / "corr", m, pairs, corr.summarize(Scene.load(scene_json), m, pairs))
     cfg = {"steps": 10, "crop": 48, "batch": 1, "w_lpips": 0.0, "corr_margin": 6, "checkpoint_every": 2,
-           "log_every": 1}
+           "log_every": 1, "validate_every": 3}
 
     cmd = _stage_cmd("stage1", shared_dir, cfg, "--scene", scene_json, "--corr", tmp_path / "corr")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "encoder.safetensors", lrf_env(shared_dir))
@@ -157,7 +162,7 @@ def test_sigkill_during_stage3_then_rerun_is_exact(small_fern, tmp_path, shared_
     feats = np.random.default_rng(0).standard_normal((len(pts), 32)).astype(np.float32)
     save_field(GaussianField.from_points(pts.xyz, feats, init_opacity=0.5), tmp_path / "field.safetensors")
     cfg = {"steps": 10, "crop": 32, "batch": 2, "w_lpips": 0.0, "backend": "cpu", "checkpoint_every": 2,
-           "log_every": 1}
+           "log_every": 1, "validate_every": 3}
 
     cmd = _stage_cmd("stage3", shared_dir, cfg, "--scene", scene_json, "--field", tmp_path / "field.safetensors")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "decoder.safetensors", lrf_env(shared_dir))

@@ -5,7 +5,9 @@ held-out photos: black in one, random noise in the other. Every training step (t
 field fit, stage 1, stage 3, the per-scene alignment) runs on both copies with the same seed;
 their trained weights must be bit-identical. Whatever way a held-out photo leaked in (a
 latent target, a correspondence, a crop, a rendered view, a refinement loss), the noise
-would change the weights. Held-out views may still be rendered and scored to MEASURE.
+would change the weights. Held-out views may still be rendered and scored to MEASURE. The stages run with checkpoint
+selection on (validate_every): their validation views are training views, so the choice of the
+step they ship cannot depend on a held-out photo either.
 """
 from __future__ import annotations
 
@@ -105,32 +107,46 @@ def test_stage1_never_sees_held_out_views(twins, tmp_path):
     from lrf.correspondences import mine
     from lrf.finetune.stage1 import CorrScene, Stage1Config, train_stage1
 
-    enc = {}
+    enc, sel = {}, {}
     for k, s in twins.items():
         m, p = mine(s)
         assert (p["split"] == "heldout").any() and (p["split"] == "train").any()
-        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1)
+        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, validate_every=2)
         vae = _vae()
-        train_stage1(vae, None, [CorrScene(s, m, p)], cfg, tmp_path / k, progress=False)
+        rep = train_stage1(vae, None, [CorrScene(s, m, p)], cfg, tmp_path / k, progress=False)
         enc[k] = {n: v.clone() for n, v in vae.encoder.state_dict().items()}
+        sel[k] = _selection(rep["validation"], s)
     _same(enc["black"], enc["noise"], "stage-1 encoder")
+    assert sel["black"] == sel["noise"]
 
 
 def test_stage3_never_sees_held_out_views(twins, fitted, tmp_path):
     from lrf.field import field_background
     from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
 
-    dec = {}
+    dec, sel = {}, {}
     for k, s in twins.items():
         res = fitted[k][0]
         fpath = res.out_dir / "field.safetensors"
         a = AlignScene(s, res.field, field_background(fpath, res.field.channels), fpath)
-        cfg = Stage3Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, backend="cpu")
+        cfg = Stage3Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, backend="cpu",
+                           validate_every=2)
         vae = _vae()
         rep = train_stage3(vae, None, [a], cfg, tmp_path / k, progress=False)
         assert rep["scenes"][s.key]["rendered_test"]["before"]["views"] == len(HELD_OUT)  # measured, not trained
         dec[k] = {n: v.clone() for n, v in vae.decoder.state_dict().items()}
+        sel[k] = _selection(rep["validation"], s)
     _same(dec["black"], dec["noise"], "stage-3 decoder")
+    assert sel["black"] == sel["noise"]
+
+
+def _selection(val: dict, scene: Scene) -> tuple:
+    """The chosen step and the validation rows without their timings; the views are training views."""
+    held = {scene.cameras[i].name for i in HELD_OUT}
+    views = val["views"][scene.key]
+    assert views and not held & set(views)
+    assert [r["step"] for r in val["rows"]] == [0, 2, 3]
+    return views, val["chosen_step"], [{k: v for k, v in r.items() if k != "seconds"} for r in val["rows"]]
 
 
 def test_per_scene_alignment_never_sees_held_out_views(twins, fitted, tmp_path):
