@@ -466,3 +466,41 @@ def test_stage_tables_are_per_scene_with_plain_columns(tmp_path):
     assert t["dsA/t2"] == {"scene": "dsA/t2", "split": "in-domain", "before": "19", "after": "19.5", "change": "+0.5"}
     t = _md_table(md, "Stage 3: decode(encode(held-out photo)) PSNR, dB")
     assert t["dsB/e1"]["split"] == "cross-dataset" and t["dsB/e1"]["change"] == "−1"
+
+
+def test_checkpoint_selection_line_and_figure_per_stage(tmp_path):
+    """A stage report with a "validation" section (lrf.train.loop's selection) gets a one-row table
+    naming the step shipped and a figure in its section; summary.json has the step; a stage where
+    no step was eligible says so."""
+    from lrf.report import build_report
+
+    rep, _ = claims_report(tmp_path)
+    st1 = tmp_path / "results" / "vae" / "taef2" / "stage1"
+    doc = json.loads((st1 / "consistency.json").read_text())
+    doc["validation"] = {"views": {"dsA/t1": ["003.png", "011.png"]}, "criterion": "-ratio", "guard": "recon",
+                         "score_metric": "ratio", "guard_metric": "recon_psnr", "max_drop_db": 0.3, "every": 50,
+                         "chosen_step": 100, "rows": [
+                             {"step": s, "score": -r, "eligible": e, "ratio": r, "recon_psnr": p, "seconds": 1.0}
+                             for s, r, p, e in ((0, 0.62, 28.0, True), (50, 0.60, 27.9, True),
+                                                (100, 0.58, 27.8, True), (150, 0.55, 27.5, False))]}
+    (st1 / "consistency.json").write_text(json.dumps(doc))
+    st3 = tmp_path / "results" / "vae" / "taef2" / "stage3"
+    st3.mkdir(parents=True)
+    (st3 / "alignment.json").write_text(json.dumps({"stage": 3, "validation": {
+        "views": {"dsA/t1": ["003.png"]}, "criterion": "rendered_psnr", "guard": "clean",
+        "score_metric": "rendered_psnr", "guard_metric": "clean_psnr", "max_drop_db": 0.3, "chosen_step": None,
+        "rows": [{"step": 0, "score": 19.0, "eligible": False, "rendered_psnr": 19.0, "clean_psnr": 28.0}]}}))
+    rep = build_report(tmp_path / "results", {"scenes": TUNE + EVAL, "methods": CLAIM_METHODS,
+                                              "protocol": {"tune": TUNE, "eval": EVAL}, "vae": {"name": "taef2"}},
+                       tmp_path / "out2")
+    md = (tmp_path / "out2" / "tables.md").read_text()
+    t = _md_table(md, "Stage 1: the step shipped")["0 50 100 150"]
+    assert (t["shipped step"], t["last step"], t["ratio at step 0"], t["ratio shipped"], t["ratio at last step"]) == \
+        ("100", "150", "0.62", "0.58", "0.55")
+    assert t["validation views"].startswith("2 (dsA/t1: 003.png, 011.png")
+    assert _md_table(md, "Stage 3: the step shipped")["0"]["shipped step"] == "none eligible"
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["stage1/chosen_step"] == 100
+    assert {"validation_stage1.png", "validation_stage3.png"} <= {p.name for p in (tmp_path / "out2" / "figures").iterdir()}
+    html = (tmp_path / "out2" / "report.html").read_text()
+    s1, s3 = html.split("id='stage1'")[1].split("id='stage3'")
+    assert "Stage 1: checkpoint selection" in s1 and "Stage 3: checkpoint selection" in s3.split("id='curves'")[0]

@@ -498,8 +498,10 @@ def criterion(m: dict, ref: dict, cfg: Stage1Config) -> tuple[float, bool]:
     return -m["ratio"], m["recon_psnr"] >= ref["recon_psnr"] - cfg.val_max_drop_db
 
 
-CRITERION_TEXT = {"score": "-ratio (matched/random latent L1 ratio of the validation views' pairs; higher is better)",
-                  "guard": "recon_psnr >= step 0's - {drop} dB (decode(encode(x)) at the validation views)"}
+# What `criterion` scores, for consistency.json and the report's selection figure (change with it).
+CRITERION_INFO = {"criterion": "-ratio (matched/random latent L1 ratio of the validation views' pairs; higher is better)",
+                  "guard": "recon_psnr >= step 0's - {drop} dB (decode(encode(x)) at the validation views)",
+                  "score_metric": "ratio", "guard_metric": "recon_psnr"}
 
 
 def selection_report(loop: TrainLoop, tune: list[CorrScene], val: dict[str, list[int]]) -> dict | None:
@@ -507,9 +509,9 @@ def selection_report(loop: TrainLoop, tune: list[CorrScene], val: dict[str, list
     sel = loop.validation()
     if sel is None:
         return None
+    drop = loop.cfg.val_max_drop_db
     return {"views": {cs.key: [cs.scene.cameras[i].name for i in val.get(cs.key, [])] for cs in tune},
-            "criterion": CRITERION_TEXT["score"],
-            "guard": CRITERION_TEXT["guard"].format(drop=loop.cfg.val_max_drop_db), **sel}
+            **{k: v.format(drop=drop) for k, v in CRITERION_INFO.items()}, "max_drop_db": drop, **sel}
 
 
 # ----------------------------------------------------------------------------- training

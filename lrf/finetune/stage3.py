@@ -282,7 +282,9 @@ def selection_report(loop: TrainLoop, align: list[AlignScene], val: list[list[in
         return None
     return {"views": {a.key: [a.scene.cameras[i].name for i in v] for a, v in zip(align, val)},
             "criterion": "rendered_psnr (decoded rendered latents at the validation views, dB, higher is better)",
-            "guard": f"clean_psnr >= step 0's - {loop.cfg.val_max_drop_db} dB", **sel}
+            "guard": f"clean_psnr >= step 0's - {loop.cfg.val_max_drop_db} dB (clean encode-decode)",
+            "score_metric": "rendered_psnr", "guard_metric": "clean_psnr", "max_drop_db": loop.cfg.val_max_drop_db,
+            **sel}
 
 
 def measure_only(vae_before, vae_after, scenes: list[AlignScene], backend: str = "auto") -> dict:

@@ -269,3 +269,27 @@ def _value(x, metric: str) -> float | None:
         return _ratio(x)
     v = x.get(metric) if isinstance(x, dict) else None
     return float(v) if _is_num(v) else None
+
+
+def selection_table(doc: dict | None, stage: int, tag: str = "") -> Table | None:
+    """The stage's "validation" section (lrf.train.loop's checkpoint selection) as one row: which
+    step shipped, chosen on which views, by what, and the criterion's metric at step 0, at the step
+    shipped and at the last step. None when the stage ran without it."""
+    sel = doc.get("validation") if isinstance(doc, dict) else None
+    if not isinstance(sel, dict) or not sel.get("rows"):
+        return None
+    rows, key, chosen = sel["rows"], sel.get("score_metric") or "score", sel.get("chosen_step")
+    at = {r.get("step"): r.get(key) for r in rows if isinstance(r, dict)}
+    views = sel.get("views") or {}
+    n = sum(len(v) for v in views.values() if isinstance(v, list))
+    cell = lambda v: (_n(v) if _is_num(v) else "—", "")  # noqa: E731
+    return Table(f"Stage {stage}{tag}: the step shipped", [
+        "validated steps", "shipped step", "last step", f"{key} at step 0", f"{key} shipped", f"{key} at last step",
+        "validation views", "criterion", "eligible if"], [[
+            (" ".join(str(r.get("step")) for r in rows), ""), (str(chosen) if chosen is not None else "none eligible",
+                                                                "" if chosen is not None else "fail"),
+            (str(rows[-1].get("step")), ""), cell(at.get(0)), cell(at.get(chosen)), cell(rows[-1].get(key)),
+            (f"{n} ({'; '.join(f'{k}: ' + ', '.join(v) for k, v in views.items() if isinstance(v, list))})", ""),
+            (str(sel.get("criterion", "")), ""), (str(sel.get("guard", "")), "")]],
+        "Step 0 is the pretrained part: the stage ships the best eligible validated step, never a "
+        "worse one by its criterion; the validation views are training views kept out of the stage's training.")

@@ -95,11 +95,13 @@ def html_page(rep: Report, title: str) -> str:
         parts.append("<p class='note'>No stage 1 consistency.json found.</p>")
     if "consistency" in rep.figures:
         parts.append(_fig_html(*rep.figures["consistency"]))
+    parts += [_fig_html(*f) for n, f in rep.figures.items() if n.startswith("validation_stage1")]
     parts.append("<h2 id='stage3'>Stage 3: VAE–RF alignment</h2>")
     if "stage3" in rep.tables:
         parts.append("".join(table_html(t) for t in rep.tables["stage3"]))
     else:
         parts.append("<p class='note'>No stage 3 alignment.json found.</p>")
+    parts += [_fig_html(*f) for n, f in rep.figures.items() if n.startswith("validation_stage3")]
     parts.append("<h2 id='curves'>Training curves</h2>")
     curves = [n for n in ("curves_finetune", "curves_fields") if n in rep.figures]
     parts += [_fig_html(*rep.figures[n]) for n in curves] or ["<p class='note'>No training logs found.</p>"]
