@@ -348,11 +348,14 @@ class TrainLoop:
                 f"{'' if eligible else ' (not eligible)'}; best step {self.best_step} ({t():.1f}s)")
 
     def validation(self) -> dict | None:
-        """The selection for the trainer's report: the chosen step and every validation row."""
+        """The selection for the trainer's report: the chosen step and every validation row (a
+        score or metric that is not finite as null: the report stays plain JSON)."""
         if not self.val_rows:
             return None
-        return {"every": int(self.cfg.validate_every), "chosen_step": self.best_step, "best_score": self.best_score,
-                "seconds": sum(r["seconds"] for r in self.val_rows), "rows": self.val_rows}
+        plain = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+        return {"every": int(self.cfg.validate_every), "chosen_step": self.best_step,
+                "best_score": plain(self.best_score), "seconds": sum(r["seconds"] for r in self.val_rows),
+                "rows": [{k: plain(v) for k, v in r.items()} for r in self.val_rows]}
 
     def run(self, step_fn: Callable, stop_at: int | None = None, train: Sequence[tuple] = (),
             validate: Callable | None = None) -> bool:
