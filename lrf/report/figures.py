@@ -181,7 +181,7 @@ def figure_validation(title: str, sel: dict) -> bytes | None:
     """A stage's checkpoint selection: its criterion's metric and its guard's per validated step,
     ineligible steps as red crosses, the step shipped as a star (lrf.train.loop)."""
     rows = [r for r in sel.get("rows") or [] if isinstance(r, dict) and "step" in r]
-    keys = [k for k in (sel.get("score_metric"), sel.get("guard_metric")) if k]
+    keys = [k for k in (sel.get("score_metric") or "score", sel.get("guard_metric")) if k]
     if not rows or not keys:
         return None
     plt = _plt()
