@@ -158,7 +158,7 @@ class TrainConfig(Resumable):
     log_every: int = 25
     keep_checkpoint: bool = False  # keep ckpt.safetensors once the final weights are written
     device: str = "auto"          # lrf.device.resolve_device
-    # Checkpoint selection (stages 1 and 3; the alignment ignores it): score the weights on
+    # Checkpoint selection (stages 1 and 3, the per-scene alignment): score the weights on
     # validation views carved out of the tuning scenes' TRAINING views (lrf.scene.model.
     # validation_views; training no longer reads them) at step 0, every `validate_every` steps and
     # at the end, and ship the best eligible step; step 0 is a candidate, so a stage never ships
@@ -172,11 +172,13 @@ class TrainConfig(Resumable):
     # only moves the end (the learning rate is constant), the rest do not touch the maths.
     RESUME_FREE: ClassVar[frozenset] = frozenset({"steps", "checkpoint_every", "log_every",
                                                   "keep_checkpoint", "device"})
+    WHOLE_VIEWS: ClassVar[bool] = False  # crop 0 means whole views (the alignment only)
 
     def validate(self) -> None:
         name = type(self).__name__
-        if self.crop <= 0 or self.crop % DOWNSCALE:
-            raise InputError(f"{name}: crop must be a positive multiple of {DOWNSCALE}, got {self.crop}")
+        if self.crop < 0 or self.crop % DOWNSCALE or (self.crop == 0 and not self.WHOLE_VIEWS):
+            what = "0 (whole views) or a positive" if self.WHOLE_VIEWS else "a positive"
+            raise InputError(f"{name}: crop must be {what} multiple of {DOWNSCALE}, got {self.crop}")
         for k in ("steps", "checkpoint_every", "log_every", "validate_every"):
             if getattr(self, k) < 0:
                 raise InputError(f"{name}: {k} must be >= 0")
@@ -252,7 +254,7 @@ class Stage3Config(TrainConfig):
 class AlignConfig(TrainConfig):
     steps: int = 300
     batch: int = 1                # views per step
-    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells
+    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells; 0: whole views
     lr: float = 5e-5              # the decoder copy (Adam)
     w_lpips: float = 0.0          # photometric loss: L1 + w_dssim * D-SSIM + w_lpips * LPIPS
     w_dssim: float = 0.2
@@ -263,6 +265,10 @@ class AlignConfig(TrainConfig):
     means_lr: float = 1.6e-6      # x scene extent (3DGS' final means rate)
     tune_decoder: bool = True     # False: only the field moves (the decoder stays as given)
     backend: str = "auto"
+    # validate_every > 0: a few of the scene's training views leave the alignment and choose the step
+    # shipped (decoded PSNR there; step 0, the field and decoder as given, is a candidate)
+
+    WHOLE_VIEWS = True
 
     def validate(self) -> None:
         super().validate()

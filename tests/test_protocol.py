@@ -154,13 +154,21 @@ def test_per_scene_alignment_never_sees_held_out_views(twins, fitted, tmp_path):
     from lrf.field import field_background
     from lrf.field import load_field
 
-    out = {}
-    for k, s in twins.items():
-        fpath = fitted[k][0].out_dir / "field.safetensors"
-        field = load_field(fpath)
-        vae = _vae()
-        cfg = AlignConfig(steps=3, crop=64, checkpoint_every=0, seed=1, backend="cpu")
-        align_scene(vae, field, s, field_background(fpath, field.channels), cfg, tmp_path / k, progress=False)
-        out[k] = {**{f"field/{n}": v for n, v in field.tensors().items()},
-                  **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
-    _same(out["black"], out["noise"], "per-scene field + decoder")
+    # crops; then whole views with the step chosen on validation views (training views only)
+    for cfg in (AlignConfig(steps=3, crop=64, checkpoint_every=0, seed=1, backend="cpu"),
+                AlignConfig(steps=3, crop=0, checkpoint_every=0, seed=1, backend="cpu", validate_every=2)):
+        out, sel = {}, {}
+        for k, s in twins.items():
+            fpath = fitted[k][0].out_dir / "field.safetensors"
+            field = load_field(fpath)
+            vae = _vae()
+            rep = align_scene(vae, field, s, field_background(fpath, field.channels), cfg, tmp_path / f"{k}{cfg.crop}",
+                              progress=False)
+            out[k] = {**{f"field/{n}": v for n, v in field.tensors().items()},
+                      **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
+            if cfg.validate_every:
+                v = rep["validation"]
+                assert not {s.cameras[i].name for i in HELD_OUT} & set(v["views"])
+                sel[k] = (v["chosen_step"], [r["score"] for r in v["rows"]])
+        _same(out["black"], out["noise"], f"per-scene field + decoder (crop {cfg.crop})")
+        assert sel.get("black") == sel.get("noise")
