@@ -3,28 +3,40 @@
 Why this shape: autograd over per-pair tensors records dozens of large
 intermediates and was what made an earlier prototype slow, so compositing is
 one ``torch.autograd.Function`` with a hand-written backward, and every step
-is a handful of flat, vectorised (mostly in-place) passes:
+is a handful of flat, vectorised (mostly in-place) passes.  On a small CPU
+each pass over the ~10^5-10^6 pairs costs about the same, so the design
+counts passes (and avoids sorts of pairs, int64 divisions and boolean
+``where``/``masked_fill``):
 
-1. *Scanline binning* (instead of 16x16 tiles).  For each Gaussian (front to
-   back) and each image row it reaches, a quadratic gives the exact pixel
-   span where its alpha can reach 1/255 (plus a rounding margin), so ~99.9%
-   of the generated pairs pass the alpha test (a tile rasterizer evaluates
-   whole tiles).  Spans are cut into segments of ``SEG`` pixels, evaluated
-   as a dense [S, SEG] block by broadcasting (no per-pair gathers).  The
-   per-pair alpha test uses the very same operations as the reference, so
-   both agree bit for bit on which pairs exist.
-2. *Per-pixel lists.*  A stable radix sort on the pixel id groups the pairs
-   per pixel while keeping the depth order inside each group.
-3. *Transmittance.*  log T is a segmented cumulative sum of log(1 - alpha)
-   (one float64 cumsum minus each pixel's offset); T <= 1e-4 early
-   termination becomes a mask, and only surviving pairs go further.
-4. *Channels.*  The [pairs, C] work is done by sparse kernels: the image is
+1. *Scanline spans.*  For each Gaussian (front to back) and each image row
+   it reaches, a quadratic gives the exact pixel span where its alpha can
+   reach 1/255 (plus a rounding margin), so nearly every generated pair
+   passes the alpha test (a tile rasterizer evaluates whole tiles).
+2. *Cells.*  Each row is cut into cells of ``SEG`` columns on a fixed grid;
+   a span becomes one segment per cell it touches.  A stable (radix) sort of
+   the segments by cell -- a few segments per Gaussian, not one key per
+   pair -- lists, per cell, the Gaussians that touch it front to back.
+3. *Lane-major candidates.*  The pairs of all segments are evaluated as one
+   dense [SEG, segments] block by broadcasting, with the very same
+   operations as the reference (so both agree bit for bit on which pairs
+   pass the alpha test).  Flattened, lane j of the segments of cell c is a
+   contiguous run: the pixel (c, j)'s pairs, front to back.  Pixels are
+   therefore kept in this "q order" (lane-major) internally; no per-pair
+   sort is ever needed.
+4. *Transmittance.*  log T is a running sum of log(1 - alpha) per lane, in
+   exact int64 fixed point, reset at every cell; T <= 1e-4 early
+   termination becomes a mask, and only surviving pairs go further.  Exact
+   sums make every pixel independent of where its pairs sit in the flat
+   list (rendering in bands gives bit-identical results).
+5. *Channels.*  The [pairs, C] work is done by sparse kernels: the image is
    ``W @ F`` with W the [P, N] CSR matrix of blending weights; the backward
-   needs ``W^T @ dI`` and the sampled product ``(dI @ F^T)[pairs]``.
-5. *Backward.*  dL/dalpha per pair from a segmented suffix sum, then 1-D
-   ``index_add_`` of a few per-pair moments into per-Gaussian sums.
+   needs the sampled product ``(dI @ F^T)[pairs]`` and ``W^T @ dI`` (a
+   Gaussian-major CSR: the pairs' generation order, found by counting, not
+   sorting).
+6. *Backward.*  dL/dalpha per pair from a segmented suffix sum, then
+   per-Gaussian sums of a few per-pair moments.
 
-Steps 1-3 run per band of image rows holding at most ``band_budget``
+Steps 3-4 run per band of image rows holding at most ``band_budget``
 candidate pairs (pixels in different rows never interact), which bounds
 memory for full-resolution RGB renders; latent-sized images are one band.
 """
@@ -34,6 +46,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,8 +54,10 @@ from .project import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
 
 _LOG_T_MIN = math.log(TRANSMITTANCE_THRESHOLD)
 _LOG_ALPHA_THRESHOLD = math.log(ALPHA_THRESHOLD)
-SEG = 4  # pixels per scanline segment (~1.3x padding for latent-sized splats)
+SEG = 4  # columns per cell: a power of two <= 8 (lane masks are packed in a byte)
+_SHIFT = SEG.bit_length() - 1
 _MARGIN = 1e-4  # relative/absolute slack on spans: they must be supersets
+_I32 = torch.int32
 
 
 def sigma_of(a: Tensor, dx: Tensor, cdy2: Tensor, bdy: Tensor) -> Tensor:
@@ -55,16 +70,72 @@ def sigma_of(a: Tensor, dx: Tensor, cdy2: Tensor, bdy: Tensor) -> Tensor:
     return 0.5 * (a * dx * dx + cdy2) + bdy * dx
 
 
+# --- small helpers: numpy where it is several times faster on CPU -----------------
+
+def _on_cpu(*ts: Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in ts)
+
+
+def _flatnonzero(mask: Tensor) -> Tensor:
+    """Int64 indices of the non-zero entries of a contiguous tensor, flattened
+    (numpy's is ~10x faster than ``torch.nonzero`` on CPU)."""
+    if _on_cpu(mask):
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _to_long(x: Tensor) -> Tensor:
+    """Truncation to int64 (numpy's conversion is ~3x faster on CPU)."""
+    if _on_cpu(x):
+        return torch.from_numpy(x.numpy().astype(np.int64))
+    return x.long()
+
+
+def _repeat(values: Tensor, counts: Tensor, total: int) -> Tensor:
+    """``values[i]`` repeated ``counts[i]`` times."""
+    if _on_cpu(values, counts):
+        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+    return torch.repeat_interleave(values, counts, output_size=total)
+
+
+def _stable_argsort(keys: Tensor, bound: int) -> Tensor:
+    """Permutation that stably sorts int32 keys in [0, bound).
+
+    numpy's stable sort of 16-bit keys is a radix sort (~3x faster than
+    torch's); larger keys or non-CPU tensors use torch.sort.
+    """
+    if _on_cpu(keys) and bound <= 1 << 16:
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+    return torch.sort(keys, stable=True).indices
+
+
+def _below(x: float, dt: torch.dtype) -> float:
+    """The largest value of dtype ``dt`` below ``x`` as ``dt`` rounds it."""
+    t = torch.tensor(x, dtype=dt)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dt)))
+
+
+def _fixed_point_bits(n: int, bound: float) -> int:
+    """Bits after the binary point for exact int64 running sums of ``n`` values
+    of magnitude <= ``bound`` (no overflow: n * bound * 2^bits < 2^62).
+
+    Fixed-point sums are exact, so every pixel's prefix sums are independent
+    of where its pairs sit in the flat list, and log(1 - alpha) of float32
+    alphas (multiples of 2^-32 since alpha >= 1/255) is summed without any
+    rounding at all.
+    """
+    return int(min(1000, math.floor(62 - math.log2(max(n, 1) * max(bound, 1e-300)))))
+
+
 def _at_segment_ends(values: Tensor, ends: Tensor) -> Tensor:
     """``values[ends - 1]``, with 0 where ``ends == 0``.
 
-    With ``ends = cumsum(counts)`` (or ``cumsum(counts) - counts``) this reads
-    a running sum at the end of (or just before) each pixel's run of pairs.
+    With ``ends = cumsum(counts)`` this reads each pixel's last pair.
     """
     if values.numel() == 0:
         return values.new_zeros(ends.shape)
     idx = ends - 1
-    return values.index_select(0, idx.clamp(min=0)).masked_fill_(idx < 0, 0.0)
+    return values.index_select(0, idx.clamp(min=0)).masked_fill_(idx < 0, 0)
 
 
 def _csr(row_counts: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) -> Tensor:
@@ -72,17 +143,20 @@ def _csr(row_counts: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) 
     torch.cumsum(row_counts, 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, size=(rows, cols),
+        return torch.sparse_csr_tensor(crow, col.long(), values, size=(rows, cols),
                                        check_invariants=False)
 
+
+# --- steps 1-2: spans and sorted cell segments -------------------------------------
 
 def _rows(m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
     """Scanline spans of depth-sorted Gaussians, in Gaussian-major order.
 
     Row y of a Gaussian spans dx in centre(dy) +- half(dy) with
     centre = -(b/a) dy and half^2 = 2 ln(255 op)/a - (det/a^2) dy^2
-    (the alpha = 1/255 level set).  Returns per row: Gaussian position, image
-    row, dy, first pixel x and span length (0 for empty rows).
+    (the alpha = 1/255 level set).  Returns per row (int32): Gaussian
+    position, image row, first pixel x, end x (exclusive; x1 <= x0 for empty
+    rows); and dy.
     """
     dev, dt = m.device, m.dtype
     n = m.shape[0]
@@ -90,190 +164,289 @@ def _rows(m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
     a, b, c = con[:, 0], con[:, 1], con[:, 2]
     lim2 = 2.0 * (torch.log(op.clamp_min(ALPHA_THRESHOLD)) - _LOG_ALPHA_THRESHOLD)
     det = (a * c - b * b).clamp_min(1e-30)
-    k1 = lim2 / a  # half^2 at dy = 0
-    k2 = det / (a * a)  # half^2 = k1 - k2 dy^2
     ey = (lim2 * a / det).sqrt() * (1 + _MARGIN) + _MARGIN
-    y0 = torch.ceil(my - ey - 0.5).clamp_(0, height).long()
-    bh = (torch.floor(my + ey - 0.5).clamp_(-1, height - 1).long() - y0 + 1).clamp_(min=0)
+    y0 = torch.ceil(my - ey - 0.5).clamp_(0, height).to(_I32)
+    bh = (torch.floor(my + ey - 0.5).clamp_(-1, height - 1).to(_I32) - y0 + 1).clamp_(min=0)
     R = int(bh.sum())
-    rg = torch.repeat_interleave(torch.arange(n, device=dev), bh, output_size=R)
-    ry = torch.arange(R, device=dev) - (torch.cumsum(bh, 0) - bh - y0).index_select(0, rg)
+    rg = _repeat(torch.arange(n, dtype=_I32, device=dev), bh, R)
+    ry = torch.arange(R, dtype=_I32, device=dev).sub_(
+        (torch.cumsum(bh, 0, dtype=_I32) - bh - y0).index_select(0, rg))
     # Same rounding as the reference's (i + 0.5) - my.
-    dy = (ry.to(dt) + 0.5) - my.index_select(0, rg)
-    q1, q2 = k1.index_select(0, rg), k2.index_select(0, rg) * (dy * dy)
+    dy = (ry.to(dt) + 0.5).sub_(my.index_select(0, rg))
+    q1 = (lim2 / a).index_select(0, rg)  # half^2 at dy = 0
+    q2 = (det / (a * a)).index_select(0, rg).mul_(dy * dy)
     half = ((q1 - q2) + _MARGIN * (q1 + q2)).clamp_(min=0).sqrt_() + _MARGIN
-    centre = (mx - 0.5).index_select(0, rg) - (b / a).index_select(0, rg) * dy
-    x0 = torch.ceil(centre - half).clamp_(0, width).long()
-    lens = (torch.floor(centre + half).clamp_(-1, width - 1).long() - x0 + 1).clamp_(min=0)
-    return rg, ry, dy, x0, lens
+    centre = (mx - 0.5).index_select(0, rg).sub_((b / a).index_select(0, rg).mul_(dy))
+    x0 = torch.ceil(centre - half).clamp_(0, width).to(_I32)
+    x1 = torch.floor(centre.add_(half)).clamp_(-1, width - 1).to(_I32) + 1
+    return rg, ry, x0, x1, dy
 
 
-def _bands(ry: Tensor, nseg: Tensor, height: int, budget: int) -> list[tuple[int, int]]:
-    """Split image rows into bands of at most ``budget`` candidate pairs each.
+class _Segments:
+    """Cell segments of all spans, sorted by cell (row-major), depth order kept.
 
-    Pixels in different rows never interact, so bands are rendered one after
-    the other; this bounds memory for full-resolution RGB renders.
+    A cell is SEG adjacent pixels of one row; its id is row * cells_per_row +
+    column // SEG.  Per sorted segment: Gaussian position ``g``, ``dy`` and
+    the operands of the alpha test (first pixel centre ``xc``, ``mx``, ``a``,
+    ``bdy`` = b dy, ``cdy2`` = c dy dy, ``op``); per cell: ``cnt`` segments,
+    the first at ``start``; ``perm`` maps a sorted segment to its
+    Gaussian-major (generation) index.
     """
-    per_row = torch.zeros(height, dtype=torch.long, device=ry.device)
-    per_row.index_add_(0, ry, nseg * SEG)
-    if int(per_row.sum()) <= budget:
-        return [(0, height)]
-    bands, start, acc = [], 0, 0
-    for y, cnt in enumerate(per_row.tolist()):
-        if acc and acc + cnt > budget:
-            bands.append((start, y))
-            start, acc = y, 0
-        acc += cnt
-    bands.append((start, height))
-    return bands
+
+    def __init__(self, m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
+        dev, dt = m.device, m.dtype
+        self.nb = nb = (width + SEG - 1) >> _SHIFT  # cells per row
+        ncell = height * nb
+        rg, ry, x0, x1, dy = _rows(m, con, op, width, height)
+        b0 = x0 >> _SHIFT
+        nseg = ((x1 + (SEG - 1)) >> _SHIFT).sub_(b0).mul_(x1 > x0)
+        S = self.S = int(nseg.sum())
+        first = torch.cumsum(nseg, 0, dtype=_I32).sub_(nseg)
+        key = _repeat(ry.mul_(nb).add_(b0).sub_(first), nseg, S).add_(
+            torch.arange(S, dtype=_I32, device=dev))
+        self.perm = _stable_argsort(key, ncell)
+        r = _repeat(torch.arange(rg.shape[0], dtype=_I32, device=dev), nseg, S)
+        r = r.index_select(0, self.perm)
+        self.cnt = torch.bincount(key, minlength=ncell)
+        self.start = torch.cumsum(self.cnt, 0) - self.cnt
+        self.cell = _repeat(torch.arange(ncell, dtype=_I32, device=dev), self.cnt, S)
+        # Per-segment operands of the alpha test, rounded as the reference's.
+        self.g = g = rg.index_select(0, r)
+        self.dy = sdy = dy.index_select(0, r)
+        self.mx = m[:, 0].index_select(0, g)
+        self.a = con[:, 0].index_select(0, g)
+        self.bdy = con[:, 1].index_select(0, g).mul_(sdy)
+        self.cdy2 = con[:, 2].index_select(0, g).mul_(sdy).mul_(sdy)
+        self.op = op.index_select(0, g)
+        cx = ((torch.arange(nb, device=dev) << _SHIFT).to(dt) + 0.5).repeat(height)
+        self.xc = cx.index_select(0, self.cell)
+
+    def bands(self, budget: int) -> list[tuple[int, int]]:
+        """Cell ranges [c_lo, c_hi) of bands of whole rows holding at most
+        ``budget`` candidate pairs (at least one row each)."""
+        nb = self.nb
+        height = self.cnt.shape[0] // nb
+        if self.S * SEG <= budget:
+            return [(0, height * nb)]
+        row_start = torch.cat([self.start[::nb], self.start.new_tensor([self.S])]).tolist()
+        out, y_lo = [], 0
+        for y in range(1, height + 1):
+            if y == height or (row_start[y + 1] - row_start[y_lo]) * SEG > budget:
+                out.append((y_lo * nb, y * nb))
+                y_lo = y
+        return out
 
 
-def _band_pairs(rows, per_g, y_lo: int, y_hi: int, width: int, dt):
-    """Composited pairs of the image rows [y_lo, y_hi), sorted by pixel.
+# --- steps 3-4: candidates, transmittance, surviving pairs -------------------------
 
-    Returns global pixel id, depth-sorted Gaussian position, dx, dy, clamped
-    alpha, log T after the pair (float64) and log(1 - alpha) of every pair
-    that survives the alpha test and early termination.
+def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
+    """Composited pairs of the cells [c_lo, c_hi) (whole rows).
+
+    Candidates are a dense [SEG, segments] block, lane-major: flattened, it
+    lists the pairs of pixel (cell c, lane j) contiguously and front to back;
+    the band's pixel order is q = j * (c_hi - c_lo) + (c - c_lo).  Returns,
+    in q order, the pixels' pair counts; and for every pair that passes the
+    alpha test and early termination: its segment, rank among its segment's
+    pairs, dx, clamped alpha and log T before it (int64, units of 2^-bits);
+    and per segment its number of pairs (uint8).
     """
-    rg, ry, dy, x0, lens = rows
-    a, b, c, op, mx = per_g
-    dev = ry.device
-    P_band = (y_hi - y_lo) * width
-    nseg = torch.div(lens + (SEG - 1), SEG, rounding_mode="floor")
-    S = int(nseg.sum())
-    sr = torch.repeat_interleave(torch.arange(ry.shape[0], device=dev), nseg, output_size=S)
-    k = (torch.arange(S, device=dev) - (torch.cumsum(nseg, 0) - nseg).index_select(0, sr)) * SEG
-    sx0 = x0.index_select(0, sr) + k
-    slen = lens.index_select(0, sr) - k
-    spix = ((ry - y_lo) * width).index_select(0, sr) + sx0  # band-local pixel id
-    sg = rg.index_select(0, sr)
-    sdy = dy.index_select(0, sr)
-
-    # Dense [S, SEG] evaluation of every candidate pair: the same operations in
-    # the same order as sigma_of (in place), so the alpha test matches the reference.
+    dev = sg.g.device
+    s_lo = int(sg.start[c_lo]) if c_lo < sg.cnt.shape[0] else sg.S
+    s_hi = int(sg.start[c_hi - 1] + sg.cnt[c_hi - 1])
+    Sb, nc = s_hi - s_lo, c_hi - c_lo
+    if Sb == 0:
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, z, sg.xc[:0],
+                sg.xc[:0], z, z.to(torch.uint8))
+    sl = slice(s_lo, s_hi)
     lane = torch.arange(SEG, device=dev)
-    dx = (sx0.to(dt) + 0.5)[:, None] + lane.to(dt)
-    dx.sub_(mx.index_select(0, sg)[:, None])
-    sigma = a.index_select(0, sg)[:, None] * dx
-    sigma.mul_(dx).add_((c.index_select(0, sg) * sdy * sdy)[:, None]).mul_(0.5)
-    sigma.add_((b.index_select(0, sg) * sdy)[:, None] * dx)
-    vis = sigma.neg_().exp_().mul_(op.index_select(0, sg)[:, None])  # reuses sigma
-    keep = vis >= ALPHA_THRESHOLD
-    keep &= lane < slen[:, None]
 
-    # Stable radix sort by pixel; rejected pairs get key P_band and sink to the end.
-    key = spix.to(torch.int32)[:, None] + lane.to(torch.int32)
-    key.masked_fill_(~keep, P_band)
-    n_keep = int(keep.sum())
-    key_sorted, perm = torch.sort(key.reshape(-1), stable=True)
-    perm = perm[:n_keep]
-    pix = key_sorted[:n_keep].long()
-    alpha = vis.reshape(-1).index_select(0, perm).clamp_(max=MAX_ALPHA)
+    # Dense [SEG, Sb] evaluation of every candidate pair: the same operations in
+    # the same order as sigma_of (in place), so the alpha test matches the reference.
+    # Spans are supersets of the alpha >= 1/255 region, so whole cells can be
+    # tested; lanes past the image's right edge become pixels that are cropped.
+    dx = (sg.xc[sl][None, :] + lane.to(dt)[:, None]).sub_(sg.mx[sl])
+    sigma = sg.a[sl] * dx
+    sigma.mul_(dx).add_(sg.cdy2[sl]).mul_(0.5)
+    sigma.add_(sg.bdy[sl] * dx)
+    alpha = sigma.neg_().exp_().mul_(sg.op[sl])  # reuses sigma
+    # alpha < 1/255 -> 0 (threshold keeps x > t: t is the float below 1/255).
+    torch.nn.functional.threshold_(alpha, _below(ALPHA_THRESHOLD, dt), 0.0)
+    alpha.clamp_(max=MAX_ALPHA)
 
-    # Segmented cumsum of log(1 - alpha) -> log transmittance after each pair.
-    # The running sum is float64 so that each pixel's offset cancels precisely.
-    log1m = torch.log1p(-alpha)
-    lta = torch.cumsum(log1m, 0, dtype=torch.float64)
-    counts = torch.bincount(pix, minlength=P_band)
-    base = _at_segment_ends(lta, torch.cumsum(counts, 0) - counts)
-    lta.sub_(torch.repeat_interleave(base, counts, output_size=n_keep))
-    used = (lta > _LOG_T_MIN).nonzero().squeeze(1)
+    # log T after each pair in exact fixed point (2^-bits units): a running sum
+    # per lane, reset at each cell by subtracting the previous cell's total from
+    # its first entry (put back afterwards).
+    li = _to_long(torch.log1p(alpha.neg()).mul_(2.0 ** bits))
+    cnt = sg.cnt[c_lo:c_hi]
+    start = sg.start[c_lo:c_hi] - s_lo
+    firsts = start.masked_select(cnt > 0)  # firsts[0] == 0
+    run = torch.cumsum(li, 1)
+    base = run.index_select(1, (firsts - 1).clamp_(min=0))
+    base[:, 0] = 0
+    step = torch.diff(base, dim=1, prepend=base[:, :1])
+    li.index_add_(1, firsts, step.neg())
+    lta = torch.cumsum(li, 1, out=run)
+    li.index_add_(1, firsts, step)
 
-    src = perm.index_select(0, used)  # flat index into the [S, SEG] block
-    seg = torch.div(src, SEG, rounding_mode="floor")
-    return (pix.index_select(0, used).add_(y_lo * width), sg.index_select(0, seg),
-            dx.reshape(-1).index_select(0, src), sdy.index_select(0, seg),
-            alpha.index_select(0, used), lta.index_select(0, used), log1m.index_select(0, used))
+    # Used: alpha passed (li < 0) and T after the pair stays above the threshold.
+    used = _used(lta, li, math.floor(_LOG_T_MIN * 2.0 ** bits))
+    lta.sub_(li)  # log T before the pair
+    e = _flatnonzero(used)
+    # Pixel runs in q order are [j*Sb + start[c], + cnt[c]): pair counts by bisection.
+    bounds = (start[None, :] + lane[:, None] * Sb).view(-1)
+    pos = torch.searchsorted(e, torch.cat([bounds, bounds.new_tensor([SEG * Sb])]))
+    counts = pos[1:] - pos[:-1]
+    s = e.clone()
+    for j in range(1, SEG):  # e = j * Sb + s, one slice per lane
+        s[int(pos[j * nc]):int(pos[(j + 1) * nc] if j + 1 < SEG else pos[-1])] -= j * Sb
+    # Rank of a pair among its segment's used lanes: exclusive prefix over lanes.
+    u8 = used.view(torch.uint8)
+    ex = torch.zeros(SEG + 1, Sb, dtype=torch.uint8, device=dev)
+    for j in range(SEG):
+        torch.add(ex[j], u8[j], out=ex[j + 1])
+    rank = ex.view(-1).index_select(0, e)
+    return (counts, s.add_(s_lo), rank, dx.view(-1).index_select(0, e),
+            alpha.view(-1).index_select(0, e), lta.view(-1).index_select(0, e), ex[SEG])
 
+
+def _used(lta: Tensor, li: Tensor, lim: int) -> Tensor:
+    """(lta > lim) & (li < 0), as a bool tensor (numpy's is ~2x faster on CPU)."""
+    if _on_cpu(lta, li):
+        m = np.greater(lta.numpy(), lim)
+        m &= li.numpy() < 0
+        return torch.from_numpy(m)
+    return (lta > lim).logical_and_(li < 0)
+
+
+# --- steps 5-6: compositing and its backward ---------------------------------------
 
 class _Composite(torch.autograd.Function):
     """Front-to-back alpha compositing.
 
     Inputs are full-size (all N Gaussians); ``order`` lists the visible ones
     front to back.  Gradients come back full-size (zero for culled ones), so
-    no [N, C] gather/scatter is needed around the call.
+    no [N, C] gather/scatter is needed around the call.  Internally pixels
+    are in the bands' q order (``qpix`` maps q to the pixel of an image
+    padded to whole cells).
     """
 
     @staticmethod
     def forward(ctx, means2d, conics, opacities, features, background, order, width, height,
                 band_budget):
-        P = width * height
         N, C = features.shape
         dt, dev = features.dtype, features.device
+        n = order.shape[0]
         m = means2d.index_select(0, order)
         con = conics.index_select(0, order)
         op = opacities.index_select(0, order)
-        rows = _rows(m, con, op, width, height)
-        per_g = (con[:, 0], con[:, 1], con[:, 2], op, m[:, 0])
-        ry, lens = rows[1], rows[4]
-        nseg = torch.div(lens + (SEG - 1), SEG, rounding_mode="floor")
-        parts = []
-        for y_lo, y_hi in _bands(ry, nseg, height, band_budget):
-            if y_lo == 0 and y_hi == height:
-                sub = rows
-            else:
-                sel = ((ry >= y_lo) & (ry < y_hi)).nonzero().squeeze(1)
-                sub = tuple(t.index_select(0, sel) for t in rows)
-            parts.append(_band_pairs(sub, per_g, y_lo, y_hi, width, dt))
-        pix, gpos, dx, dy, alpha, lta, log1m = (
+        sg = _Segments(m, con, op, width, height)
+        nb = sg.nb
+        bits = _fixed_point_bits(sg.S * SEG, -math.log1p(-MAX_ALPHA))
+        parts, qpix = [], []
+        lane = torch.arange(SEG, device=dev)[:, None]
+        for c_lo, c_hi in sg.bands(band_budget):
+            parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits))
+            qpix.append((torch.arange(c_lo, c_hi, device=dev) * SEG + lane).view(-1))
+        counts, s, rank, dx, alpha, lta, nu = (
             p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+        qpix = qpix[0] if len(qpix) == 1 else torch.cat(qpix)
         del parts
+        Pq = counts.shape[0]  # = height * nb * SEG
 
-        t_before = (lta - log1m).exp_().to(dt)
+        gpos = sg.g.index_select(0, s)
+        dy = sg.dy.index_select(0, s)
+        unit = 2.0 ** -bits
+        t_before = lta.double().mul_(unit).exp_().to(dt)
         w = alpha * t_before
         gid = order.index_select(0, gpos)  # original Gaussian id
-        counts = torch.bincount(pix, minlength=P)
         # T_final = T after each pixel's last composited pair (1 if none).
-        t_final = torch.where(counts > 0, _at_segment_ends(lta, torch.cumsum(counts, 0)).exp_(),
-                              1.0).to(dt)
+        ends = torch.cumsum(counts, 0)
+        t_final = torch.where(
+            counts > 0, _at_segment_ends(lta, ends).double().mul_(unit).exp_()
+            * (1.0 - _at_segment_ends(alpha, ends).double()), 1.0).to(dt)
 
-        image = _csr(counts, gid, w, P, N) @ features
+        image = _csr(counts, gid, w, Pq, N) @ features
         image.addcmul_(t_final[:, None], background[None, :])
-        alpha_img = 1.0 - t_final
+        wp = nb * SEG
+        image = image.new_empty(Pq, C).index_copy_(0, qpix, image).view(height, wp, C)
+        t_final_img = t_final.new_empty(Pq).index_copy_(0, qpix, t_final).view(height, wp)
+        t_final_img = t_final_img[:, :width].contiguous()
 
-        ctx.save_for_backward(conics, opacities, features, background, pix, gid, counts, dx,
-                              dy, alpha, t_before, w, t_final)
-        return image.reshape(height, width, C), alpha_img.reshape(height, width)
+        ctx.n_vis = n
+        ctx.shape = (height, width, wp)
+        ctx.save_for_backward(conics, features, background, order, qpix, gid, gpos, s, rank,
+                              nu, sg.perm, counts, dx, dy, alpha, t_before, w, t_final,
+                              t_final_img, opacities)
+        return image[:, :width].contiguous(), 1.0 - t_final_img
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (conics, opacities, features, background, pix, gid, counts, dx, dy,
-         alpha, t_before, w, t_final) = ctx.saved_tensors
+        (conics, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
+         dx, dy, alpha, t_before, w, t_final, t_final_img, opacities) = ctx.saved_tensors
         N, C = features.shape
-        P = t_final.shape[0]
+        height, width, wp = ctx.shape
+        Pq = t_final.shape[0]
+        n = ctx.n_vis
         dt, dev = features.dtype, features.device
-        G = (g_image.reshape(P, C).contiguous() if g_image is not None
-             else features.new_zeros(P, C))
-        gA = g_alpha.reshape(P) if g_alpha is not None else features.new_zeros(P)
+        n_pairs = w.shape[0]
+        # Cotangents in q order (zero on the padding columns).
+        G = features.new_zeros(height, wp, C)
+        if g_image is not None:
+            G[:, :width] = g_image
+        G = G.view(Pq, C).index_select(0, qpix)
+        gA = features.new_zeros(height, wp)
+        if g_alpha is not None:
+            gA[:, :width] = g_alpha
+        gA = gA.view(Pq).index_select(0, qpix)
+        q = _repeat(torch.arange(Pq, device=dev), counts, n_pairs)
+        # Culled Gaussians read row n of [n + 1]-row per-Gaussian results (zeros).
+        slot = torch.full((N,), n, dtype=torch.long, device=dev)
+        slot.index_copy_(0, order, torch.arange(n, device=dev))
 
-        # c_k = dL/dw_k = <G[pix_k], F[gid_k]>, a sampled dense-dense product.
-        c = torch.sparse.sampled_addmm(_csr(counts, gid, w, P, N), G, features.t(),
+        # c_k = dL/dw_k = <G[q_k], F[gid_k]>, a sampled dense-dense product.
+        c = torch.sparse.sampled_addmm(_csr(counts, gid, w, Pq, N), G, features.t(),
                                        beta=0.0).values()
-        # dL/dF = W^T G, with W^T built Gaussian-major.
+        # dL/dF = W^T G with W^T Gaussian-major.  The pairs' generation order
+        # (Gaussian, row, cell) is Gaussian-major: a pair's place in it is the
+        # number of pairs of earlier unsorted segments plus its rank in its own.
         g_features = None
         if ctx.needs_input_grad[3]:
-            gperm = torch.sort(gid.to(torch.int32), stable=True).indices
-            g_features = _csr(torch.bincount(gid, minlength=N), pix.index_select(0, gperm),
-                              w.index_select(0, gperm), N, P) @ G
-        g_background = t_final @ G
+            nu = nu.long()
+            nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
+            seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
+            gm_pos = seg_start.index_select(0, s).add_(rank)
+            gperm = torch.empty_like(gm_pos).index_copy_(
+                0, gm_pos, torch.arange(n_pairs, device=dev))
+            gf = _csr(torch.bincount(gpos, minlength=n + 1), q.index_select(0, gperm),
+                      w.index_select(0, gperm), n + 1, Pq) @ G
+            g_features = gf.index_select(0, slot)
+        g_background = (t_final_img.view(-1) @ g_image.reshape(-1, C) if g_image is not None
+                        else torch.zeros_like(background))
 
-        # dL/dalpha_k = T_k c_k - (sum_{j>k} w_j c_j + T_final (G.bg - gA)) / (1 - alpha_k)
-        vsum = torch.cumsum(w * c, 0, dtype=torch.float64)
-        per_pix = _at_segment_ends(vsum, torch.cumsum(counts, 0))
-        per_pix += (t_final * (G @ background - gA)).double()
-        rest = per_pix.index_select(0, pix).sub_(vsum).to(dt)
+        # dL/dalpha_k = T_k c_k - (sum_{j>k} w_j c_j + T_final (G.bg - gA)) / (1 - alpha_k),
+        # the per-pixel suffix sums in exact fixed point (see _fixed_point_bits).
+        v = w * c
+        tail = t_final * (G @ background - gA)  # per pixel
+        vmax = max(float(v.abs().max()) if n_pairs else 0.0, float(tail.abs().max()))
+        vb = _fixed_point_bits(n_pairs + 1, vmax)
+        vsum = torch.cumsum(_to_long(v.mul_(2.0 ** vb)), 0)
+        total = _at_segment_ends(vsum, torch.cumsum(counts, 0)).add_(_to_long(tail * 2.0 ** vb))
+        rest = total.index_select(0, q).sub_(vsum).to(dt).mul_(2.0 ** -vb)
         g_alpha_pair = t_before * c - rest / (1.0 - alpha)
-        # alpha = min(MAX_ALPHA, vis) with vis = op exp(-sigma); unclamped alpha == vis.
-        g_sig = g_alpha_pair.mul_(alpha).masked_fill_(alpha >= MAX_ALPHA, 0.0)  # -dL/dsigma
-
-        def acc(vals: Tensor) -> Tensor:
-            return torch.zeros(N, dtype=dt, device=dev).index_add_(0, gid, vals)
+        # alpha = min(MAX_ALPHA, vis) with vis = op exp(-sigma): dalpha/dsigma is
+        # -alpha, or 0 where clamped (threshold keeps -alpha > -MAX_ALPHA).
+        g_sig = g_alpha_pair.mul_(torch.nn.functional.threshold(alpha.neg(), -MAX_ALPHA, 0.0))
+        g_sig.neg_()  # -dL/dsigma
 
         # sigma = 0.5(a dx^2 + c dy^2) + b dx dy with dx = px + 0.5 - mx: the
         # per-Gaussian sums only need moments of g_sig times dx, dy.
+        def acc(vals: Tensor) -> Tensor:
+            return torch.zeros(N, dtype=dt, device=dev).index_add_(0, gid, vals)
+
         gdx, gdy = g_sig * dx, g_sig * dy
         s_x, s_y = acc(gdx), acc(gdy)
-        s_xx, s_xy, s_yy = acc(gdx * dx), acc(gdx * dy), acc(gdy * dy)
+        s_xx, s_xy, s_yy = acc(gdx.mul_(dx)), acc(gdy * dx), acc(gdy.mul_(dy))
         a, b, cc = conics.unbind(1)
         g_means2d = torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y], 1)
         g_conics = torch.stack([-0.5 * s_xx, -s_xy, -0.5 * s_yy], 1)
