@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .gsplat_backend import GsplatError, gsplat_problem, rasterize_gsplat  # light: imports no gsplat
-from .project import EPS2D, RenderOutput, project_gaussians
+from .project import EPS2D, RenderOutput, project_gaussians, project_gaussians_fused
 
 __all__ = ["RenderOutput", "rasterize", "BACKENDS", "GsplatError"]
 
@@ -68,7 +68,10 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
         return rasterize_gsplat(means, quats, scales, opacities, features, viewmat, K, width,
                                 height, background, near, far, eps2d)
 
-    proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
+    # The fast path differentiates the projection by hand; the reference keeps autograd
+    # (same forward values), so the tests check one against the other.
+    project = project_gaussians_fused if backend == "cpu" else project_gaussians
+    proj = project(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
     means2d = proj.means2d
     if means2d.requires_grad:
         means2d.retain_grad()  # densification reads means2d.grad
