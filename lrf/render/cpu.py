@@ -76,12 +76,12 @@ def _on_cpu(*ts: Tensor) -> bool:
     return all(t.device.type == "cpu" for t in ts)
 
 
-def _flatnonzero(mask: Tensor) -> Tensor:
-    """Int64 indices of the non-zero entries of a contiguous tensor, flattened
-    (numpy's is ~10x faster than ``torch.nonzero`` on CPU)."""
-    if _on_cpu(mask):
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return mask.reshape(-1).nonzero().squeeze(1)
+def _where_above(x: Tensor, lim: float) -> Tensor:
+    """Int64 indices of the entries of contiguous ``x`` above ``lim``, flattened
+    (numpy's compare and nonzero are ~10x faster than torch's on CPU)."""
+    if _on_cpu(x):
+        return torch.from_numpy(np.flatnonzero(x.numpy() > lim))
+    return (x.reshape(-1) > lim).nonzero().squeeze(1)
 
 
 def _to_long(x: Tensor) -> Tensor:
@@ -122,9 +122,9 @@ def _fixed_point_bits(n: int, bound: float) -> int:
     Fixed-point sums are exact, so every pixel's prefix sums are independent
     of where its pairs sit in the flat list, and log(1 - alpha) of float32
     alphas (multiples of 2^-32 since alpha >= 1/255) is summed without any
-    rounding at all.
+    rounding at all.  Capped at 100 so that 2^+-bits is a normal float32.
     """
-    return int(min(1000, math.floor(62 - math.log2(max(n, 1) * max(bound, 1e-300)))))
+    return int(min(100, math.floor(62 - math.log2(max(n, 1) * max(bound, 1e-30)))))
 
 
 def _at_segment_ends(values: Tensor, ends: Tensor) -> Tensor:
@@ -247,7 +247,7 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
     the band's pixel order is q = j * (c_hi - c_lo) + (c - c_lo).  Returns,
     in q order, the pixels' pair counts; and for every pair that passes the
     alpha test and early termination: its segment, rank among its segment's
-    pairs, dx, clamped alpha and log T before it (int64, units of 2^-bits);
+    pairs, clamped alpha and log T before it (int64, units of 2^-bits);
     and per segment its number of pairs (uint8).
     """
     dev = sg.g.device
@@ -256,67 +256,61 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
     Sb, nc = s_hi - s_lo, c_hi - c_lo
     if Sb == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, z, sg.xc[:0],
-                sg.xc[:0], z, z.to(torch.uint8))
+        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, z, sg.xc[:0], z,
+                z.to(torch.uint8))
     sl = slice(s_lo, s_hi)
     lane = torch.arange(SEG, device=dev)
 
     # Dense [SEG, Sb] evaluation of every candidate pair: the same operations in
-    # the same order as sigma_of (in place), so the alpha test matches the reference.
-    # Spans are supersets of the alpha >= 1/255 region, so whole cells can be
-    # tested; lanes past the image's right edge become pixels that are cropped.
+    # the same order as sigma_of (in place; -sigma is built directly, negation
+    # being exact), so the alpha test matches the reference.  Spans are
+    # supersets of the alpha >= 1/255 region, so whole cells can be tested;
+    # lanes past the image's right edge become pixels that are cropped.
     dx = (sg.xc[sl][None, :] + lane.to(dt)[:, None]).sub_(sg.mx[sl])
-    sigma = sg.a[sl] * dx
-    sigma.mul_(dx).add_(sg.cdy2[sl]).mul_(0.5)
-    sigma.add_(sg.bdy[sl] * dx)
-    alpha = sigma.neg_().exp_().mul_(sg.op[sl])  # reuses sigma
-    # alpha < 1/255 -> 0 (threshold keeps x > t: t is the float below 1/255).
-    torch.nn.functional.threshold_(alpha, _below(ALPHA_THRESHOLD, dt), 0.0)
-    alpha.clamp_(max=MAX_ALPHA)
+    nsigma = sg.a[sl] * dx
+    nsigma.mul_(dx).add_(sg.cdy2[sl]).mul_(-0.5)
+    nsigma.sub_(sg.bdy[sl] * dx)
+    vis = nsigma.exp_().mul_(sg.op[sl])  # reuses nsigma
 
-    # log T after each pair in exact fixed point (2^-bits units): a running sum
-    # per lane, reset at each cell by subtracting the previous cell's total from
-    # its first entry (put back afterwards).
-    li = _to_long(torch.log1p(alpha.neg()).mul_(2.0 ** bits))
-    cnt = sg.cnt[c_lo:c_hi]
+    # Kept candidates (alpha >= 1/255), in block order; pixel (c, j)'s run of the
+    # block, [j*Sb + start[c], + cnt[c]), is found in that list by bisection.
     start = sg.start[c_lo:c_hi] - s_lo
-    firsts = start.masked_select(cnt > 0)  # firsts[0] == 0
-    run = torch.cumsum(li, 1)
-    base = run.index_select(1, (firsts - 1).clamp_(min=0))
-    base[:, 0] = 0
-    step = torch.diff(base, dim=1, prepend=base[:, :1])
-    li.index_add_(1, firsts, step.neg())
-    lta = torch.cumsum(li, 1, out=run)
-    li.index_add_(1, firsts, step)
+    kept = _where_above(vis, _below(ALPHA_THRESHOLD, dt))
+    bounds = torch.cat([(start[None, :] + lane[:, None] * Sb).view(-1),
+                        start.new_tensor([SEG * Sb])])
+    kb = torch.searchsorted(kept, bounds)
+    a_k = vis.view(-1).index_select(0, kept).clamp_(max=MAX_ALPHA)
 
-    # Used: alpha passed (li < 0) and T after the pair stays above the threshold.
-    used = _used(lta, li, math.floor(_LOG_T_MIN * 2.0 ** bits))
-    lta.sub_(li)  # log T before the pair
-    e = _flatnonzero(used)
-    # Pixel runs in q order are [j*Sb + start[c], + cnt[c]): pair counts by bisection.
-    bounds = (start[None, :] + lane[:, None] * Sb).view(-1)
-    pos = torch.searchsorted(e, torch.cat([bounds, bounds.new_tensor([SEG * Sb])]))
+    # log T after each pair in exact fixed point (2^-bits units): one running
+    # sum, reset at each pixel by subtracting the previous pixel's total from its
+    # first entry (put back afterwards).
+    li = torch.neg(a_k)
+    li = _to_long(torch.log1p(li, out=li).mul_(2.0 ** bits))
+    firsts = kb[:-1].masked_select(kb[1:] > kb[:-1])
+    run = torch.cumsum(li, 0)
+    base = _at_segment_ends(run, firsts)  # running sum before each pixel
+    step = torch.diff(base, prepend=base[:1] * 0)
+    li.index_add_(0, firsts, step.neg())
+    lta = torch.cumsum(li, 0, out=run)
+    li.index_add_(0, firsts, step)
+
+    # Used: T after the pair stays above the threshold.
+    u = _where_above(lta, math.floor(_LOG_T_MIN * 2.0 ** bits))
+    e = kept.index_select(0, u)
+    pos = torch.searchsorted(u, kb)
     counts = pos[1:] - pos[:-1]
     s = e.clone()
     for j in range(1, SEG):  # e = j * Sb + s, one slice per lane
-        s[int(pos[j * nc]):int(pos[(j + 1) * nc] if j + 1 < SEG else pos[-1])] -= j * Sb
+        s[int(pos[j * nc]):int(pos[(j + 1) * nc])] -= j * Sb
     # Rank of a pair among its segment's used lanes: exclusive prefix over lanes.
-    u8 = used.view(torch.uint8)
+    u8 = torch.zeros(SEG, Sb, dtype=torch.uint8, device=dev)
+    u8.view(-1).index_fill_(0, e, 1)
     ex = torch.zeros(SEG + 1, Sb, dtype=torch.uint8, device=dev)
     for j in range(SEG):
         torch.add(ex[j], u8[j], out=ex[j + 1])
     rank = ex.view(-1).index_select(0, e)
-    return (counts, s.add_(s_lo), rank, dx.view(-1).index_select(0, e),
-            alpha.view(-1).index_select(0, e), lta.view(-1).index_select(0, e), ex[SEG])
-
-
-def _used(lta: Tensor, li: Tensor, lim: int) -> Tensor:
-    """(lta > lim) & (li < 0), as a bool tensor (numpy's is ~2x faster on CPU)."""
-    if _on_cpu(lta, li):
-        m = np.greater(lta.numpy(), lim)
-        m &= li.numpy() < 0
-        return torch.from_numpy(m)
-    return (lta > lim).logical_and_(li < 0)
+    lt_before = lta.sub_(li).index_select(0, u)
+    return counts, s.add_(s_lo), rank, a_k.index_select(0, u), lt_before, ex[SEG]
 
 
 # --- steps 5-6: compositing and its backward ---------------------------------------
@@ -348,14 +342,13 @@ class _Composite(torch.autograd.Function):
         for c_lo, c_hi in sg.bands(band_budget):
             parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits))
             qpix.append((torch.arange(c_lo, c_hi, device=dev) * SEG + lane).view(-1))
-        counts, s, rank, dx, alpha, lta, nu = (
+        counts, s, rank, alpha, lta, nu = (
             p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
         qpix = qpix[0] if len(qpix) == 1 else torch.cat(qpix)
         del parts
         Pq = counts.shape[0]  # = height * nb * SEG
 
         gpos = sg.g.index_select(0, s)
-        dy = sg.dy.index_select(0, s)
         unit = 2.0 ** -bits
         t_before = lta.double().mul_(unit).exp_().to(dt)
         w = alpha * t_before
@@ -366,6 +359,11 @@ class _Composite(torch.autograd.Function):
             counts > 0, _at_segment_ends(lta, ends).double().mul_(unit).exp_()
             * (1.0 - _at_segment_ends(alpha, ends).double()), 1.0).to(dt)
 
+        # For the backward: -dL/dsigma = alpha dL/dalpha = w c - rest * alpha / (1 - alpha),
+        # and 0 where alpha is clamped (it then no longer depends on sigma).
+        ratio = alpha / (1.0 - alpha)
+        clamped = _where_above(alpha, _below(MAX_ALPHA, dt))
+
         image = _csr(counts, gid, w, Pq, N) @ features
         image.addcmul_(t_final[:, None], background[None, :])
         wp = nb * SEG
@@ -373,21 +371,20 @@ class _Composite(torch.autograd.Function):
         t_final_img = t_final.new_empty(Pq).index_copy_(0, qpix, t_final).view(height, wp)
         t_final_img = t_final_img[:, :width].contiguous()
 
-        ctx.n_vis = n
         ctx.shape = (height, width, wp)
-        ctx.save_for_backward(conics, features, background, order, qpix, gid, gpos, s, rank,
-                              nu, sg.perm, counts, dx, dy, alpha, t_before, w, t_final,
-                              t_final_img, opacities)
+        ctx.save_for_backward(m, con, op, features, background, order, qpix, gid, gpos, s,
+                              rank, nu, sg.perm, counts, ratio, clamped, w, t_final,
+                              t_final_img)
         return image[:, :width].contiguous(), 1.0 - t_final_img
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (conics, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
-         dx, dy, alpha, t_before, w, t_final, t_final_img, opacities) = ctx.saved_tensors
+        (m, con, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
+         ratio, clamped, w, t_final, t_final_img) = ctx.saved_tensors
         N, C = features.shape
         height, width, wp = ctx.shape
         Pq = t_final.shape[0]
-        n = ctx.n_vis
+        n = order.shape[0]
         dt, dev = features.dtype, features.device
         n_pairs = w.shape[0]
         # Cotangents in q order (zero on the padding columns).
@@ -400,58 +397,76 @@ class _Composite(torch.autograd.Function):
             gA[:, :width] = g_alpha
         gA = gA.view(Pq).index_select(0, qpix)
         q = _repeat(torch.arange(Pq, device=dev), counts, n_pairs)
-        # Culled Gaussians read row n of [n + 1]-row per-Gaussian results (zeros).
-        slot = torch.full((N,), n, dtype=torch.long, device=dev)
-        slot.index_copy_(0, order, torch.arange(n, device=dev))
 
         # c_k = dL/dw_k = <G[q_k], F[gid_k]>, a sampled dense-dense product.
         c = torch.sparse.sampled_addmm(_csr(counts, gid, w, Pq, N), G, features.t(),
                                        beta=0.0).values()
-        # dL/dF = W^T G with W^T Gaussian-major.  The pairs' generation order
-        # (Gaussian, row, cell) is Gaussian-major: a pair's place in it is the
-        # number of pairs of earlier unsorted segments plus its rank in its own.
+
+        # dL/dalpha_k = T_k c_k - rest_k / (1 - alpha_k) with rest_k = sum_{j>k} w_j c_j
+        # + T_final (G.bg - gA) over the pixel's pairs: suffix sums in exact fixed
+        # point (see _fixed_point_bits).
+        v = w * c
+        tail = t_final * (G @ background - gA)  # per pixel
+        vmax = float(torch.linalg.vector_norm(v, math.inf)) if n_pairs else 0.0
+        vb = _fixed_point_bits(n_pairs + 1, max(vmax, float(tail.abs().max())))
+        vsum = torch.cumsum(_to_long(v * 2.0 ** vb), 0)
+        total = _at_segment_ends(vsum, torch.cumsum(counts, 0)).add_(_to_long(tail * 2.0 ** vb))
+        rest = total.index_select(0, q).sub_(vsum).to(dt)
+        # -dL/dsigma = alpha dL/dalpha = v - rest * alpha / (1 - alpha); 0 where clamped.
+        g_sig = v.addcmul_(rest, ratio, value=-(2.0 ** -vb)).index_fill_(0, clamped, 0.0)
+
+        # Per-Gaussian sums over the pairs, as sparse products with a Gaussian-major
+        # CSR (n + 1 rows: the last, empty, stands for culled Gaussians).  The pairs'
+        # generation order (Gaussian, row, cell) is Gaussian-major: a pair's place in
+        # it is the number of pairs of earlier unsorted segments plus its rank in its own.
+        nu = nu.long()
+        nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
+        seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
+        gm = seg_start.index_select(0, s).add_(rank)
+        crow = torch.zeros(n + 2, dtype=torch.long, device=dev)
+        torch.cumsum(torch.bincount(gpos, minlength=n + 1), 0, out=crow[1:])
+        col = torch.empty_like(q).index_copy_(0, gm, q)
+        slot = torch.full((N,), n, dtype=torch.long, device=dev)
+        slot.index_copy_(0, order, torch.arange(n, device=dev))
+
+        def gaussian_sums(vals: Tensor, dense: Tensor) -> Tensor:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                mat = torch.sparse_csr_tensor(crow, col, torch.empty_like(vals).index_copy_(
+                    0, gm, vals), size=(n + 1, Pq), check_invariants=False)
+            return mat @ dense
+
+        # dL/dF = W^T G.
         g_features = None
         if ctx.needs_input_grad[3]:
-            nu = nu.long()
-            nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
-            seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
-            gm_pos = seg_start.index_select(0, s).add_(rank)
-            gperm = torch.empty_like(gm_pos).index_copy_(
-                0, gm_pos, torch.arange(n_pairs, device=dev))
-            gf = _csr(torch.bincount(gpos, minlength=n + 1), q.index_select(0, gperm),
-                      w.index_select(0, gperm), n + 1, Pq) @ G
-            g_features = gf.index_select(0, slot)
+            g_features = gaussian_sums(w, G).index_select(0, slot)
         g_background = (t_final_img.view(-1) @ g_image.reshape(-1, C) if g_image is not None
                         else torch.zeros_like(background))
 
-        # dL/dalpha_k = T_k c_k - (sum_{j>k} w_j c_j + T_final (G.bg - gA)) / (1 - alpha_k),
-        # the per-pixel suffix sums in exact fixed point (see _fixed_point_bits).
-        v = w * c
-        tail = t_final * (G @ background - gA)  # per pixel
-        vmax = max(float(v.abs().max()) if n_pairs else 0.0, float(tail.abs().max()))
-        vb = _fixed_point_bits(n_pairs + 1, vmax)
-        vsum = torch.cumsum(_to_long(v.mul_(2.0 ** vb)), 0)
-        total = _at_segment_ends(vsum, torch.cumsum(counts, 0)).add_(_to_long(tail * 2.0 ** vb))
-        rest = total.index_select(0, q).sub_(vsum).to(dt).mul_(2.0 ** -vb)
-        g_alpha_pair = t_before * c - rest / (1.0 - alpha)
-        # alpha = min(MAX_ALPHA, vis) with vis = op exp(-sigma): dalpha/dsigma is
-        # -alpha, or 0 where clamped (threshold keeps -alpha > -MAX_ALPHA).
-        g_sig = g_alpha_pair.mul_(torch.nn.functional.threshold(alpha.neg(), -MAX_ALPHA, 0.0))
-        g_sig.neg_()  # -dL/dsigma
-
-        # sigma = 0.5(a dx^2 + c dy^2) + b dx dy with dx = px + 0.5 - mx: the
-        # per-Gaussian sums only need moments of g_sig times dx, dy.
-        def acc(vals: Tensor) -> Tensor:
-            return torch.zeros(N, dtype=dt, device=dev).index_add_(0, gid, vals)
-
-        gdx, gdy = g_sig * dx, g_sig * dy
-        s_x, s_y = acc(gdx), acc(gdy)
-        s_xx, s_xy, s_yy = acc(gdx.mul_(dx)), acc(gdy * dx), acc(gdy.mul_(dy))
-        a, b, cc = conics.unbind(1)
-        g_means2d = torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y], 1)
-        g_conics = torch.stack([-0.5 * s_xx, -s_xy, -0.5 * s_yy], 1)
-        g_op = acc(g_sig) / opacities.clamp_min(1e-30)
-        return g_means2d, g_conics, g_op, g_features, g_background, None, None, None, None
+        # sigma = 0.5(a dx^2 + c dy^2) + b dx dy with (dx, dy) = pixel centre - mean:
+        # the gradients need sums of g_sig times 1, dx, dy, dx^2, dx dy, dy^2, got
+        # from raw moments of the pixel coordinates (float64: they are combined
+        # with the means below, relative to the image centre to limit cancellation).
+        x0, y0 = 0.5 * width, 0.5 * height
+        pix = qpix.double()
+        py = torch.div(pix, wp, rounding_mode="floor")
+        px = pix - py * wp + (0.5 - x0)
+        py += 0.5 - y0
+        X = torch.stack([torch.ones_like(px), px, py, px * px, px * py, py * py], 1)
+        mom = gaussian_sums(g_sig.double(), X)[:n]
+        u, sx, sy, sxx, sxy, syy = mom.unbind(1)
+        mx, my = m[:, 0].double() - x0, m[:, 1].double() - y0
+        s_x = sx - mx * u
+        s_y = sy - my * u
+        s_xx = sxx - 2.0 * mx * sx + mx * mx * u
+        s_xy = sxy - mx * sy - my * sx + mx * my * u
+        s_yy = syy - 2.0 * my * sy + my * my * u
+        a, b, cc = con.double().unbind(1)
+        g_vis = torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y, -0.5 * s_xx, -s_xy,
+                             -0.5 * s_yy, u / op.double().clamp_min(1e-30)], 1).to(dt)
+        g_all = torch.cat([g_vis, g_vis.new_zeros(1, 6)]).index_select(0, slot)
+        return (g_all[:, :2], g_all[:, 2:5], g_all[:, 5], g_features, g_background, None,
+                None, None, None)
 
 
 def composite_cpu(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
