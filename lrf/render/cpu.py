@@ -149,7 +149,8 @@ def _csr(row_counts: Tensor, col: Tensor, values: Tensor, rows: int, cols: int) 
 
 # --- steps 1-2: spans and sorted cell segments -------------------------------------
 
-def _rows(m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
+def _rows(mx: Tensor, my: Tensor, a: Tensor, b: Tensor, c: Tensor, op: Tensor, width: int,
+          height: int):
     """Scanline spans of depth-sorted Gaussians, in Gaussian-major order.
 
     Row y of a Gaussian spans dx in centre(dy) +- half(dy) with
@@ -158,10 +159,8 @@ def _rows(m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
     position, image row, first pixel x, end x (exclusive; x1 <= x0 for empty
     rows); and dy.
     """
-    dev, dt = m.device, m.dtype
-    n = m.shape[0]
-    mx, my = m[:, 0], m[:, 1]
-    a, b, c = con[:, 0], con[:, 1], con[:, 2]
+    dev, dt = mx.device, mx.dtype
+    n = mx.shape[0]
     lim2 = 2.0 * (torch.log(op.clamp_min(ALPHA_THRESHOLD)) - _LOG_ALPHA_THRESHOLD)
     det = (a * c - b * b).clamp_min(1e-30)
     ey = (lim2 * a / det).sqrt() * (1 + _MARGIN) + _MARGIN
@@ -193,11 +192,12 @@ class _Segments:
     Gaussian-major (generation) index.
     """
 
-    def __init__(self, m: Tensor, con: Tensor, op: Tensor, width: int, height: int):
-        dev, dt = m.device, m.dtype
+    def __init__(self, mx: Tensor, my: Tensor, a: Tensor, b: Tensor, c: Tensor, op: Tensor,
+                 width: int, height: int):
+        dev, dt = mx.device, mx.dtype
         self.nb = nb = (width + SEG - 1) >> _SHIFT  # cells per row
         ncell = height * nb
-        rg, ry, x0, x1, dy = _rows(m, con, op, width, height)
+        rg, ry, x0, x1, dy = _rows(mx, my, a, b, c, op, width, height)
         b0 = x0 >> _SHIFT
         nseg = ((x1 + (SEG - 1)) >> _SHIFT).sub_(b0).mul_(x1 > x0)
         S = self.S = int(nseg.sum())
@@ -213,10 +213,10 @@ class _Segments:
         # Per-segment operands of the alpha test, rounded as the reference's.
         self.g = g = rg.index_select(0, r)
         self.dy = sdy = dy.index_select(0, r)
-        self.mx = m[:, 0].index_select(0, g)
-        self.a = con[:, 0].index_select(0, g)
-        self.bdy = con[:, 1].index_select(0, g).mul_(sdy)
-        self.cdy2 = con[:, 2].index_select(0, g).mul_(sdy).mul_(sdy)
+        self.mx = mx.index_select(0, g)
+        self.a = a.index_select(0, g)
+        self.bdy = b.index_select(0, g).mul_(sdy)
+        self.cdy2 = c.index_select(0, g).mul_(sdy).mul_(sdy)
         self.op = op.index_select(0, g)
         cx = ((torch.arange(nb, device=dev) << _SHIFT).to(dt) + 0.5).repeat(height)
         self.xc = cx.index_select(0, self.cell)
@@ -331,10 +331,11 @@ class _Composite(torch.autograd.Function):
         N, C = features.shape
         dt, dev = features.dtype, features.device
         n = order.shape[0]
-        m = means2d.index_select(0, order)
-        con = conics.index_select(0, order)
+        # Columns of the visible Gaussians, front to back ([N, k] inputs are read by
+        # column: the projection returns them column-major).
+        cols = [t.index_select(0, order) for t in (*means2d.unbind(1), *conics.unbind(1))]
         op = opacities.index_select(0, order)
-        sg = _Segments(m, con, op, width, height)
+        sg = _Segments(*cols, op, width, height)
         nb = sg.nb
         bits = _fixed_point_bits(sg.S * SEG, -math.log1p(-MAX_ALPHA))
         parts, qpix = [], []
@@ -372,14 +373,14 @@ class _Composite(torch.autograd.Function):
         t_final_img = t_final_img[:, :width].contiguous()
 
         ctx.shape = (height, width, wp)
-        ctx.save_for_backward(m, con, op, features, background, order, qpix, gid, gpos, s,
+        ctx.save_for_backward(*cols, op, features, background, order, qpix, gid, gpos, s,
                               rank, nu, sg.perm, counts, ratio, clamped, w, t_final,
                               t_final_img)
         return image[:, :width].contiguous(), 1.0 - t_final_img
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (m, con, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
+        (mx, my, a, b, cc, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
          ratio, clamped, w, t_final, t_final_img) = ctx.saved_tensors
         N, C = features.shape
         height, width, wp = ctx.shape
@@ -455,17 +456,21 @@ class _Composite(torch.autograd.Function):
         X = torch.stack([torch.ones_like(px), px, py, px * px, px * py, py * py], 1)
         mom = gaussian_sums(g_sig.double(), X)[:n]
         u, sx, sy, sxx, sxy, syy = mom.unbind(1)
-        mx, my = m[:, 0].double() - x0, m[:, 1].double() - y0
+        mx, my = mx.double() - x0, my.double() - y0
         s_x = sx - mx * u
         s_y = sy - my * u
         s_xx = sxx - 2.0 * mx * sx + mx * mx * u
         s_xy = sxy - mx * sy - my * sx + mx * my * u
         s_yy = syy - 2.0 * my * sy + my * my * u
-        a, b, cc = con.double().unbind(1)
-        g_vis = torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y, -0.5 * s_xx, -s_xy,
-                             -0.5 * s_yy, u / op.double().clamp_min(1e-30)], 1).to(dt)
-        g_all = torch.cat([g_vis, g_vis.new_zeros(1, 6)]).index_select(0, slot)
-        return (g_all[:, :2], g_all[:, 2:5], g_all[:, 5], g_features, g_background, None,
+        a, b, cc = a.double(), b.double(), cc.double()
+        g_vis = torch.zeros(6, n + 1, dtype=dt, device=dev)
+        torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y, -0.5 * s_xx, -s_xy, -0.5 * s_yy,
+                     u / op.double().clamp_min(1e-30)], out=g_vis[:, :n])
+        g_all = features.new_empty(6, N)
+        for k in range(6):  # culled Gaussians read the zero column n
+            torch.index_select(g_vis[k], 0, slot, out=g_all[k])
+        # [N, k] gradients as views of [k, N] rows, matching the projection's layout.
+        return (g_all[:2].t(), g_all[2:5].t(), g_all[5], g_features, g_background, None,
                 None, None, None)
 
 
