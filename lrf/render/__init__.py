@@ -16,6 +16,7 @@ CPU tensors never import gsplat (not even its Python parts).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +39,25 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if problem:
         raise GsplatError(problem)
     return "gsplat"
+
+
+def _front_to_back(depths: Tensor, visible: Tensor, near: float) -> Tensor:
+    """Ids of the visible Gaussians, stably sorted by depth.
+
+    Visible depths exceed ``near``; when that is >= 0 their IEEE bit patterns sort
+    like the values, so on CPU two (float32) or four (float64) stable 16-bit
+    radix passes replace the comparison sort (~5x faster).
+    """
+    if (depths.device.type != "cpu" or near < 0
+            or depths.dtype not in (torch.float32, torch.float64)):
+        idx = visible.nonzero().squeeze(1)
+        return idx[torch.argsort(depths[idx], stable=True)]
+    idx = np.flatnonzero(visible.numpy())
+    bits = depths.numpy()[idx].view(np.uint32 if depths.dtype == torch.float32 else np.uint64)
+    perm = np.arange(idx.shape[0])
+    for shift in range(0, 8 * bits.itemsize, 16):  # least significant digit first
+        perm = perm[np.argsort((bits[perm] >> shift).astype(np.uint16), kind="stable")]
+    return torch.from_numpy(idx[perm])
 
 
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, features: Tensor,
@@ -75,8 +95,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
     means2d = proj.means2d
     if means2d.requires_grad:
         means2d.retain_grad()  # densification reads means2d.grad
-    idx = proj.visible.nonzero().squeeze(1)
-    order = idx[torch.argsort(proj.depths.detach()[idx], stable=True)]  # front to back
+    order = _front_to_back(proj.depths.detach(), proj.visible, near)
     if backend == "cpu":
         from .cpu import composite_cpu
 
