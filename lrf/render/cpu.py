@@ -57,6 +57,7 @@ _LOG_ALPHA_THRESHOLD = math.log(ALPHA_THRESHOLD)
 SEG = 4  # columns per cell: a power of two <= 8 (lane masks are packed in a byte)
 _SHIFT = SEG.bit_length() - 1
 _MARGIN = 1e-4  # relative/absolute slack on spans: they must be supersets
+_FEW_CHANNELS = 4  # up to this many channels, the backward uses scatter-adds
 _I32 = torch.int32
 
 
@@ -239,7 +240,7 @@ class _Segments:
 
 # --- steps 3-4: candidates, transmittance, surviving pairs -------------------------
 
-def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
+def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: bool):
     """Composited pairs of the cells [c_lo, c_hi) (whole rows).
 
     Candidates are a dense [SEG, segments] block, lane-major: flattened, it
@@ -248,7 +249,8 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
     in q order, the pixels' pair counts; and for every pair that passes the
     alpha test and early termination: its segment, rank among its segment's
     pairs, clamped alpha and log T before it (int64, units of 2^-bits);
-    and per segment its number of pairs (uint8).
+    and per segment its number of pairs (uint8); and the pairs' dx if
+    ``want_dx`` (else an empty tensor).
     """
     dev = sg.g.device
     s_lo = int(sg.start[c_lo]) if c_lo < sg.cnt.shape[0] else sg.S
@@ -257,7 +259,7 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
     if Sb == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
         return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, z, sg.xc[:0], z,
-                z.to(torch.uint8))
+                z.to(torch.uint8), sg.xc[:0])
     sl = slice(s_lo, s_hi)
     lane = torch.arange(SEG, device=dev)
 
@@ -310,7 +312,8 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int):
         torch.add(ex[j], u8[j], out=ex[j + 1])
     rank = ex.view(-1).index_select(0, e)
     lt_before = lta.sub_(li).index_select(0, u)
-    return counts, s.add_(s_lo), rank, a_k.index_select(0, u), lt_before, ex[SEG]
+    dx_used = dx.view(-1).index_select(0, e) if want_dx else dx.new_empty(0)
+    return counts, s.add_(s_lo), rank, a_k.index_select(0, u), lt_before, ex[SEG], dx_used
 
 
 # --- steps 5-6: compositing and its backward ---------------------------------------
@@ -338,18 +341,23 @@ class _Composite(torch.autograd.Function):
         sg = _Segments(*cols, op, width, height)
         nb = sg.nb
         bits = _fixed_point_bits(sg.S * SEG, -math.log1p(-MAX_ALPHA))
+        # Few channels: per-pair dot products and per-Gaussian sums by scatter-adds
+        # into [N] rows (cache-resident) beat the sparse kernels, whose per-pair
+        # overhead and Gaussian-major permutation dominate then.
+        scatter = C <= _FEW_CHANNELS
         parts, qpix = [], []
         lane = torch.arange(SEG, device=dev)[:, None]
         for c_lo, c_hi in sg.bands(band_budget):
-            parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits))
+            parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits, scatter))
             qpix.append((torch.arange(c_lo, c_hi, device=dev) * SEG + lane).view(-1))
-        counts, s, rank, alpha, lta, nu = (
+        counts, s, rank, alpha, lta, nu, dx = (
             p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
         qpix = qpix[0] if len(qpix) == 1 else torch.cat(qpix)
         del parts
         Pq = counts.shape[0]  # = height * nb * SEG
 
         gpos = sg.g.index_select(0, s)
+        dy = sg.dy.index_select(0, s) if scatter else dx
         unit = 2.0 ** -bits
         # exp in the features' dtype: in float32, converting log T (|log T| < 10) costs
         # < 1e-6 relative in T, well below the reference's own cumprod error.
@@ -375,15 +383,16 @@ class _Composite(torch.autograd.Function):
         t_final_img = t_final_img[:, :width].contiguous()
 
         ctx.shape = (height, width, wp)
+        ctx.scatter = scatter
         ctx.save_for_backward(*cols, op, features, background, order, qpix, gid, gpos, s,
                               rank, nu, sg.perm, counts, ratio, clamped, w, t_final,
-                              t_final_img)
+                              t_final_img, dx, dy)
         return image[:, :width].contiguous(), 1.0 - t_final_img
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (mx, my, a, b, cc, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm, counts,
-         ratio, clamped, w, t_final, t_final_img) = ctx.saved_tensors
+        (mx, my, a, b, cc, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm,
+         counts, ratio, clamped, w, t_final, t_final_img, dx, dy) = ctx.saved_tensors
         N, C = features.shape
         height, width, wp = ctx.shape
         Pq = t_final.shape[0]
@@ -402,8 +411,14 @@ class _Composite(torch.autograd.Function):
         q = _repeat(torch.arange(Pq, device=dev), counts, n_pairs)
 
         # c_k = dL/dw_k = <G[q_k], F[gid_k]>, a sampled dense-dense product.
-        c = torch.sparse.sampled_addmm(_csr(counts, gid, w, Pq, N), G, features.t(),
-                                       beta=0.0).values()
+        if ctx.scatter:
+            Gt, Ft = G.t().contiguous(), features.t().contiguous()
+            c = Gt[0].index_select(0, q).mul_(Ft[0].index_select(0, gid))
+            for k in range(1, C):
+                c.addcmul_(Gt[k].index_select(0, q), Ft[k].index_select(0, gid))
+        else:
+            c = torch.sparse.sampled_addmm(_csr(counts, gid, w, Pq, N), G, features.t(),
+                                           beta=0.0).values()
 
         # dL/dalpha_k = T_k c_k - rest_k / (1 - alpha_k) with rest_k = sum_{j>k} w_j c_j
         # + T_final (G.bg - gA) over the pixel's pairs: suffix sums in exact fixed
@@ -418,62 +433,98 @@ class _Composite(torch.autograd.Function):
         # -dL/dsigma = alpha dL/dalpha = v - rest * alpha / (1 - alpha); 0 where clamped.
         g_sig = v.addcmul_(rest, ratio, value=-(2.0 ** -vb)).index_fill_(0, clamped, 0.0)
 
-        # Per-Gaussian sums over the pairs, as sparse products with a Gaussian-major
-        # CSR (n + 1 rows: the last, empty, stands for culled Gaussians).  The pairs'
-        # generation order (Gaussian, row, cell) is Gaussian-major: a pair's place in
-        # it is the number of pairs of earlier unsorted segments plus its rank in its own.
-        nu = nu.long()
-        nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
-        seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
-        gm = seg_start.index_select(0, s).add_(rank)
-        crow = torch.zeros(n + 2, dtype=torch.long, device=dev)
-        torch.cumsum(torch.bincount(gpos, minlength=n + 1), 0, out=crow[1:])
-        col = torch.empty_like(q).index_copy_(0, gm, q)
-        slot = torch.full((N,), n, dtype=torch.long, device=dev)
-        slot.index_copy_(0, order, torch.arange(n, device=dev))
-
-        def gaussian_sums(vals: Tensor, dense: Tensor) -> Tensor:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                mat = torch.sparse_csr_tensor(crow, col, torch.empty_like(vals).index_copy_(
-                    0, gm, vals), size=(n + 1, Pq), check_invariants=False)
-            return mat @ dense
-
-        # dL/dF = W^T G.
-        g_features = None
-        if ctx.needs_input_grad[3]:
-            g_features = gaussian_sums(w, G).index_select(0, slot)
         g_background = (t_final_img.view(-1) @ g_image.reshape(-1, C) if g_image is not None
                         else torch.zeros_like(background))
-
-        # sigma = 0.5(a dx^2 + c dy^2) + b dx dy with (dx, dy) = pixel centre - mean:
-        # the gradients need sums of g_sig times 1, dx, dy, dx^2, dx dy, dy^2, got
-        # from raw moments of the pixel coordinates (float64: they are combined
-        # with the means below, relative to the image centre to limit cancellation).
-        x0, y0 = 0.5 * width, 0.5 * height
-        pix = qpix.double()
-        py = torch.div(pix, wp, rounding_mode="floor")
-        px = pix - py * wp + (0.5 - x0)
-        py += 0.5 - y0
-        X = torch.stack([torch.ones_like(px), px, py, px * px, px * py, py * py], 1)
-        mom = gaussian_sums(g_sig.double(), X)[:n]
-        u, sx, sy, sxx, sxy, syy = mom.unbind(1)
-        mx, my = mx.double() - x0, my.double() - y0
-        s_x = sx - mx * u
-        s_y = sy - my * u
-        s_xx = sxx - 2.0 * mx * sx + mx * mx * u
-        s_xy = sxy - mx * sy - my * sx + mx * my * u
-        s_yy = syy - 2.0 * my * sy + my * my * u
-        a, b, cc = a.double(), b.double(), cc.double()
-        g_vis = torch.zeros(6, n + 1, dtype=dt, device=dev)
-        torch.stack([a * s_x + b * s_y, b * s_x + cc * s_y, -0.5 * s_xx, -s_xy, -0.5 * s_yy,
-                     u / op.double().clamp_min(1e-30)], out=g_vis[:, :n])
-        g_all = features.new_empty(6, N)
-        for k in range(6):  # culled Gaussians read the zero column n
-            torch.index_select(g_vis[k], 0, slot, out=g_all[k])
+        want_f = ctx.needs_input_grad[3]
+        if ctx.scatter:
+            g_features, g_rows = _gaussian_sums_scatter(g_sig, w, dx, dy, gid, q, Gt, N,
+                                                        (a, b, cc, op), order, want_f)
+        else:
+            g_features, g_rows = _gaussian_sums_sparse(
+                g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, (mx, my, a, b, cc, op), order,
+                N, width, height, wp, want_f)
         # [N, k] gradients as views of [k, N] rows, matching the projection's layout.
-        return (g_all[:2].t(), g_all[2:5].t(), g_all[5], g_features, g_background, None,
+        return (g_rows[:2].t(), g_rows[2:5].t(), g_rows[5], g_features, g_background, None,
                 None, None, None)
+
+
+def _grad_rows(s_1, s_x, s_y, s_xx, s_xy, s_yy, a, b, c, op) -> list[Tensor]:
+    """Gradients (means2d x, y; conic a, b, c; opacity) of visible Gaussians from
+    the sums of g = -dL/dsigma times 1, dx, dy, dx^2, dx dy, dy^2 over their
+    pairs: sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, dx = pixel centre - mean."""
+    return [a * s_x + b * s_y, b * s_x + c * s_y, -0.5 * s_xx, -s_xy, -0.5 * s_yy,
+            s_1 / op.clamp_min(1e-30)]
+
+
+def _gaussian_sums_scatter(g_sig, w, dx, dy, gid, q, Gt, N, abco, order, want_f):
+    """Per-Gaussian sums by scatter-adds in pair order (few channels)."""
+    dt, dev = g_sig.dtype, g_sig.device
+    C = Gt.shape[0]
+
+    def acc(vals: Tensor) -> Tensor:
+        return torch.zeros(N, dtype=dt, device=dev).index_add_(0, gid, vals)
+
+    g_features = None
+    if want_f:  # dL/dF = W^T G, one channel at a time
+        g_features = torch.stack([acc(Gt[k].index_select(0, q).mul_(w)) for k in range(C)], 1)
+    gdx, gdy = g_sig * dx, g_sig * dy
+    sums = [acc(g_sig), acc(gdx), acc(gdy), acc(gdx.mul_(dx)), acc(gdy * dx),
+            acc(gdy.mul_(dy))]
+    # Per-Gaussian operands, full size (culled ones have zero sums).
+    full = [torch.zeros(N, dtype=dt, device=dev).index_copy_(0, order, t) for t in abco]
+    return g_features, torch.stack(_grad_rows(*sums, *full))
+
+
+def _gaussian_sums_sparse(g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, cols, order, N,
+                          width, height, wp, want_f):
+    """Per-Gaussian sums as sparse products with a Gaussian-major CSR (many channels).
+
+    The CSR has n + 1 rows, the last (empty) one standing for culled Gaussians.
+    The pairs' generation order (Gaussian, row, cell) is Gaussian-major: a pair's
+    place in it is the number of pairs of earlier unsorted segments plus its rank
+    in its own.
+    """
+    dt, dev = g_sig.dtype, g_sig.device
+    n, Pq = order.shape[0], G.shape[0]
+    nu = nu.long()
+    nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
+    seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
+    gm = seg_start.index_select(0, s).add_(rank)
+    crow = torch.zeros(n + 2, dtype=torch.long, device=dev)
+    torch.cumsum(torch.bincount(gpos, minlength=n + 1), 0, out=crow[1:])
+    col = torch.empty_like(q).index_copy_(0, gm, q)
+    slot = torch.full((N,), n, dtype=torch.long, device=dev)
+    slot.index_copy_(0, order, torch.arange(n, device=dev))
+
+    def gaussian_sums(vals: Tensor, dense: Tensor) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            mat = torch.sparse_csr_tensor(crow, col, torch.empty_like(vals).index_copy_(
+                0, gm, vals), size=(n + 1, Pq), check_invariants=False)
+        return mat @ dense
+
+    g_features = gaussian_sums(w, G).index_select(0, slot) if want_f else None
+    # The moments of g_sig times dx, dy come from raw moments of the pixel
+    # coordinates (float64: they are combined with the means below, relative to
+    # the image centre to limit cancellation).
+    x0, y0 = 0.5 * width, 0.5 * height
+    pix = qpix.double()
+    py = torch.div(pix, wp, rounding_mode="floor")
+    px = pix - py * wp + (0.5 - x0)
+    py += 0.5 - y0
+    X = torch.stack([torch.ones_like(px), px, py, px * px, px * py, py * py], 1)
+    u, sx, sy, sxx, sxy, syy = gaussian_sums(g_sig.double(), X)[:n].unbind(1)
+    mx, my, a, b, c, op = (t.double() for t in cols)
+    mx, my = mx - x0, my - y0
+    rows = _grad_rows(u, sx - mx * u, sy - my * u, sxx - 2.0 * mx * sx + mx * mx * u,
+                      sxy - mx * sy - my * sx + mx * my * u, syy - 2.0 * my * sy + my * my * u,
+                      a, b, c, op)
+    g_vis = torch.zeros(6, n + 1, dtype=dt, device=dev)
+    torch.stack(rows, out=g_vis[:, :n])
+    g_rows = g_vis.new_empty(6, N)
+    for k in range(6):  # culled Gaussians read the zero column n
+        torch.index_select(g_vis[k], 0, slot, out=g_rows[k])
+    return g_features, g_rows
 
 
 def composite_cpu(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
