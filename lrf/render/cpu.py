@@ -128,6 +128,13 @@ def _fixed_point_bits(n: int, bound: float) -> int:
     return int(min(100, math.floor(62 - math.log2(max(n, 1) * max(bound, 1e-30)))))
 
 
+def _cat(parts):
+    """torch.cat of per-band results (also of tuples of tensors)."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
 def _at_segment_ends(values: Tensor, ends: Tensor) -> Tensor:
     """``values[ends - 1]``, with 0 where ``ends == 0``.
 
@@ -203,10 +210,12 @@ class _Segments:
         nseg = ((x1 + (SEG - 1)) >> _SHIFT).sub_(b0).mul_(x1 > x0)
         S = self.S = int(nseg.sum())
         first = torch.cumsum(nseg, 0, dtype=_I32).sub_(nseg)
-        key = _repeat(ry.mul_(nb).add_(b0).sub_(first), nseg, S).add_(
+        # Row of each segment: the last row whose first segment is at or before it
+        # (empty rows share their successor's first: the successor is counted last).
+        r = torch.cumsum(torch.bincount(first, minlength=S + 1)[:S], 0, dtype=_I32).sub_(1)
+        key = ry.mul_(nb).add_(b0).sub_(first).index_select(0, r).add_(
             torch.arange(S, dtype=_I32, device=dev))
         self.perm = _stable_argsort(key, ncell)
-        r = _repeat(torch.arange(rg.shape[0], dtype=_I32, device=dev), nseg, S)
         r = r.index_select(0, self.perm)
         self.cnt = torch.bincount(key, minlength=ncell)
         self.start = torch.cumsum(self.cnt, 0) - self.cnt
@@ -247,10 +256,10 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     lists the pairs of pixel (cell c, lane j) contiguously and front to back;
     the band's pixel order is q = j * (c_hi - c_lo) + (c - c_lo).  Returns,
     in q order, the pixels' pair counts; and for every pair that passes the
-    alpha test and early termination: its segment, rank among its segment's
-    pairs, clamped alpha and log T before it (int64, units of 2^-bits);
-    and per segment its number of pairs (uint8); and the pairs' dx if
-    ``want_dx`` (else an empty tensor).
+    alpha test and early termination: its segment, clamped alpha and log T
+    after it (int64, units of 2^-bits); then either the pairs' dx (if
+    ``want_dx``) or (the pairs' ranks among their segment's pairs, each
+    segment's number of pairs), both uint8.
     """
     dev = sg.g.device
     s_lo = int(sg.start[c_lo]) if c_lo < sg.cnt.shape[0] else sg.S
@@ -258,8 +267,8 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     Sb, nc = s_hi - s_lo, c_hi - c_lo
     if Sb == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, z, sg.xc[:0], z,
-                z.to(torch.uint8), sg.xc[:0])
+        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, sg.xc[:0], z,
+                sg.xc[:0] if want_dx else (z.to(torch.uint8), z.to(torch.uint8)))
     sl = slice(s_lo, s_hi)
     lane = torch.arange(SEG, device=dev)
 
@@ -304,16 +313,18 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     s = e.clone()
     for j in range(1, SEG):  # e = j * Sb + s, one slice per lane
         s[int(pos[j * nc]):int(pos[(j + 1) * nc])] -= j * Sb
-    # Rank of a pair among its segment's used lanes: exclusive prefix over lanes.
+    s.add_(s_lo)
+    lt_after = lta.index_select(0, u)
+    if want_dx:  # the scatter-add backward works with dx, dy
+        return counts, s, a_k.index_select(0, u), lt_after, dx.view(-1).index_select(0, e)
+    # The sparse backward needs each pair's rank among its segment's used lanes
+    # (an exclusive prefix over lanes) and each segment's number of pairs.
     u8 = torch.zeros(SEG, Sb, dtype=torch.uint8, device=dev)
     u8.view(-1).index_fill_(0, e, 1)
     ex = torch.zeros(SEG + 1, Sb, dtype=torch.uint8, device=dev)
     for j in range(SEG):
         torch.add(ex[j], u8[j], out=ex[j + 1])
-    rank = ex.view(-1).index_select(0, e)
-    lt_before = lta.sub_(li).index_select(0, u)
-    dx_used = dx.view(-1).index_select(0, e) if want_dx else dx.new_empty(0)
-    return counts, s.add_(s_lo), rank, a_k.index_select(0, u), lt_before, ex[SEG], dx_used
+    return counts, s, a_k.index_select(0, u), lt_after, (ex.view(-1).index_select(0, e), ex[SEG])
 
 
 # --- steps 5-6: compositing and its backward ---------------------------------------
@@ -350,30 +361,31 @@ class _Composite(torch.autograd.Function):
         for c_lo, c_hi in sg.bands(band_budget):
             parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits, scatter))
             qpix.append((torch.arange(c_lo, c_hi, device=dev) * SEG + lane).view(-1))
-        counts, s, rank, alpha, lta, nu, dx = (
-            p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+        counts, s, alpha, lta, extra = (
+            p[0] if len(parts) == 1 else _cat(p) for p in zip(*parts))
+        dx, (rank, nu) = (extra, (None, None)) if scatter else (None, extra)
         qpix = qpix[0] if len(qpix) == 1 else torch.cat(qpix)
         del parts
         Pq = counts.shape[0]  # = height * nb * SEG
 
         gpos = sg.g.index_select(0, s)
-        dy = sg.dy.index_select(0, s) if scatter else dx
+        dy = sg.dy.index_select(0, s) if scatter else None
         unit = 2.0 ** -bits
-        # exp in the features' dtype: in float32, converting log T (|log T| < 10) costs
-        # < 1e-6 relative in T, well below the reference's own cumprod error.
-        t_before = lta.to(dt).mul_(unit).exp_()
-        w = alpha * t_before
+        # T after each pair: exp in the features' dtype (in float32, converting
+        # log T (|log T| < 10) costs < 1e-6 relative, below the reference's own
+        # cumprod error); T before it is that over (1 - alpha).
+        one_minus = 1.0 - alpha
+        w = lta.to(dt).mul_(unit).exp_().div_(one_minus).mul_(alpha)
         gid = order.index_select(0, gpos)  # original Gaussian id
         # T_final = T after each pixel's last composited pair (1 if none).
         ends = torch.cumsum(counts, 0)
-        t_final = torch.where(
-            counts > 0, _at_segment_ends(lta, ends).double().mul_(unit).exp_()
-            * (1.0 - _at_segment_ends(alpha, ends).double()), 1.0).to(dt)
+        t_final = torch.where(counts > 0, _at_segment_ends(lta, ends).double().mul_(unit).exp_(),
+                              1.0).to(dt)
 
         # For the backward: -dL/dsigma = alpha dL/dalpha = w c - rest * alpha / (1 - alpha),
         # and 0 where alpha is clamped (it then no longer depends on sigma).
-        ratio = alpha / (1.0 - alpha)
         clamped = _where_above(alpha, _below(MAX_ALPHA, dt))
+        ratio = alpha.div_(one_minus)
 
         image = _csr(counts, gid, w, Pq, N) @ features
         image.addcmul_(t_final[:, None], background[None, :])
