@@ -531,9 +531,9 @@ def _gaussian_sums_sparse(g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, cols, o
     u, sx, sy, sxx, sxy, syy = gaussian_sums(g_sig.double(), X)[:n].unbind(1)
     mx, my, a, b, c, op = (t.double() for t in cols)
     mx, my = mx - x0, my - y0
-    rows = _grad_rows(u, sx - mx * u, sy - my * u, sxx - 2.0 * mx * sx + mx * mx * u,
-                      sxy - mx * sy - my * sx + mx * my * u, syy - 2.0 * my * sy + my * my * u,
-                      a, b, c, op)
+    s_x, s_y = sx - mx * u, sy - my * u  # central moments from raw ones
+    rows = _grad_rows(u, s_x, s_y, sxx - mx * (sx + s_x), sxy - mx * sy - my * s_x,
+                      syy - my * (sy + s_y), a, b, c, op)
     g_vis = torch.zeros(6, n + 1, dtype=dt, device=dev)
     torch.stack(rows, out=g_vis[:, :n])
     g_rows = g_vis.new_empty(6, N)

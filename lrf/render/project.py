@@ -250,9 +250,10 @@ class _FusedProjection(torch.autograd.Function):
         sc = scales.unbind(-1)
         g_scales = torch.empty_like(scales)
         g_M0, g_M1 = [], []
+        g_sxx2, g_syy2 = 2.0 * g_sxx, 2.0 * g_syy
         for j in range(3):
-            g_t0 = 2.0 * g_sxx * T0[j] + g_sxy * T1[j]
-            g_t1 = 2.0 * g_syy * T1[j] + g_sxy * T0[j]
+            g_t0 = g_sxx2 * T0[j] + g_sxy * T1[j]
+            g_t1 = g_syy2 * T1[j] + g_sxy * T0[j]
             torch.add(g_t0 * M0[j], g_t1 * M1[j], out=g_scales[:, j])
             g_M0.append(g_t0 * sc[j])
             g_M1.append(g_t1 * sc[j])
@@ -284,11 +285,11 @@ class _FusedProjection(torch.autograd.Function):
         g_means = scales.new_empty(scales.shape)
         for k in range(3):
             torch.add(g_x * V[0][k] + g_y * V[1][k], g_z * V[2][k], out=g_means[:, k])
-        g_quats = _rotmat_backward(sv["q"], g_r, torch.empty_like(quats))
+        g_quats = _rotmat_backward(sv["q"], sv["r"], g_r, torch.empty_like(quats))
         return (g_means, g_quats, g_scales, None, None, None, None, None, None, None, None)
 
 
-def _rotmat_backward(q, g_r: list[list[Tensor]], out: Tensor) -> Tensor:
+def _rotmat_backward(q, R: list[list[Tensor]], g_r: list[list[Tensor]], out: Tensor) -> Tensor:
     """Gradient of _rotmat into ``out`` [N, 4].
 
     R = Q / n2 with n2 = |q|^2 (clamped at 1e-24) and, for q = (w, v),
@@ -300,8 +301,6 @@ def _rotmat_backward(q, g_r: list[list[Tensor]], out: Tensor) -> Tensor:
     n2 = w * w + x * x + y * y + z * z
     inv = n2.clamp_min(1e-24).reciprocal()
     G = [[g * inv for g in row] for row in g_r]
-    # sum(g_R R) = sum(G Q); R is recomputed from the rows as in the forward.
-    R = _rotmat(w, x, y, z)
     g_n2 = -(sum(g_r[k][j] * R[k][j] for k in range(3) for j in range(3)) * inv)
     g_n2.mul_(n2 >= 1e-24)
     tr = G[0][0] + G[1][1] + G[2][2]
