@@ -494,31 +494,39 @@ def _gaussian_sums_sparse(g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, cols, o
                           width, height, wp, want_f):
     """Per-Gaussian sums as sparse products with a Gaussian-major CSR (many channels).
 
-    The CSR has n + 1 rows, the last (empty) one standing for culled Gaussians.
     The pairs' generation order (Gaussian, row, cell) is Gaussian-major: a pair's
     place in it is the number of pairs of earlier unsorted segments plus its rank
-    in its own.
+    in its own.  Rows are then put in Gaussian-id order (culled ones empty), so
+    the products come out full-size.
     """
     dt, dev = g_sig.dtype, g_sig.device
-    n, Pq = order.shape[0], G.shape[0]
-    nu = nu.long()
-    nu_gen = torch.zeros_like(nu).index_copy_(0, perm, nu)
-    seg_start = (torch.cumsum(nu_gen, 0) - nu_gen).index_select(0, perm)
-    gm = seg_start.index_select(0, s).add_(rank)
-    crow = torch.zeros(n + 2, dtype=_I32, device=dev)
-    torch.cumsum(torch.bincount(gpos, minlength=n + 1), 0, out=crow[1:])
-    col = torch.empty(q.shape, dtype=_I32, device=dev).index_copy_(0, gm, q.to(_I32))
-    slot = torch.full((N,), n, dtype=torch.long, device=dev)
-    slot.index_copy_(0, order, torch.arange(n, device=dev))
+    n, Pq, S = order.shape[0], G.shape[0], nu.shape[0]
+    # Pairs before each segment in generation order.  Only segments with pairs
+    # count, which keeps the random accesses through perm to those.
+    nz = _where_above(nu, 0)
+    nu_nz = nu.index_select(0, nz).long()
+    gen = perm.index_select(0, nz)
+    run = torch.cumsum(torch.zeros(S, dtype=torch.long, device=dev).index_copy_(0, gen, nu_nz), 0)
+    seg_start = torch.empty(S, dtype=torch.long, device=dev)
+    seg_start.index_copy_(0, nz, run.index_select(0, gen).sub_(nu_nz))
+    # Depth-major place, then shifted per Gaussian to Gaussian-id-major.
+    cnt = torch.bincount(gpos, minlength=n)
+    cnt_id = torch.zeros(N, dtype=torch.long, device=dev).index_copy_(0, order, cnt)
+    crow = torch.zeros(N + 1, dtype=torch.long, device=dev)
+    torch.cumsum(cnt_id, 0, out=crow[1:])
+    shift = crow.index_select(0, order).sub_(torch.cumsum(cnt, 0).sub_(cnt))
+    gm = seg_start.index_select(0, s).add_(rank).add_(shift.index_select(0, gpos))
+    it = _I32 if max(q.shape[0], Pq) < 1 << 31 else torch.long
+    crow, col = crow.to(it), torch.empty(q.shape, dtype=it, device=dev).index_copy_(0, gm, q.to(it))
 
     def gaussian_sums(vals: Tensor, dense: Tensor) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             mat = torch.sparse_csr_tensor(crow, col, torch.empty_like(vals).index_copy_(
-                0, gm, vals), size=(n + 1, Pq), check_invariants=False)
+                0, gm, vals), size=(N, Pq), check_invariants=False)
         return mat @ dense
 
-    g_features = gaussian_sums(w, G).index_select(0, slot) if want_f else None
+    g_features = gaussian_sums(w, G) if want_f else None
     # The moments of g_sig times dx, dy come from raw moments of the pixel
     # coordinates (float64: they are combined with the means below, relative to
     # the image centre to limit cancellation).
@@ -528,18 +536,16 @@ def _gaussian_sums_sparse(g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, cols, o
     px = pix - py * wp + (0.5 - x0)
     py += 0.5 - y0
     X = torch.stack([torch.ones_like(px), px, py, px * px, px * py, py * py], 1)
-    u, sx, sy, sxx, sxy, syy = gaussian_sums(g_sig.double(), X)[:n].unbind(1)
-    mx, my, a, b, c, op = (t.double() for t in cols)
-    mx, my = mx - x0, my - y0
+    u, sx, sy, sxx, sxy, syy = gaussian_sums(g_sig.double(), X).unbind(1)
+    # Per-Gaussian operands, full size (culled ones have zero sums).
+    mx, my = (torch.full((N,), -ref, dtype=torch.float64, device=dev).index_add_(
+        0, order, t.double()) for t, ref in zip(cols[:2], (x0, y0)))
     s_x, s_y = sx - mx * u, sy - my * u  # central moments from raw ones
-    rows = _grad_rows(u, s_x, s_y, sxx - mx * (sx + s_x), sxy - mx * sy - my * s_x,
-                      syy - my * (sy + s_y), a, b, c, op)
-    g_vis = torch.zeros(6, n + 1, dtype=dt, device=dev)
-    torch.stack(rows, out=g_vis[:, :n])
-    g_rows = g_vis.new_empty(6, N)
-    for k in range(6):  # culled Gaussians read the zero column n
-        torch.index_select(g_vis[k], 0, slot, out=g_rows[k])
-    return g_features, g_rows
+    mom = torch.stack([u, s_x, s_y, sxx - mx * (sx + s_x), sxy - mx * sy - my * s_x,
+                       syy - my * (sy + s_y)]).to(dt)
+    a, b, c, op = (torch.zeros(N, dtype=dt, device=dev).index_copy_(0, order, t)
+                   for t in cols[2:])
+    return g_features, torch.stack(_grad_rows(*mom, a, b, c, op))
 
 
 def composite_cpu(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
