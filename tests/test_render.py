@@ -283,17 +283,20 @@ def _composite_with_grads(pr, scene, order, width, height, **kw):
 @pytest.mark.parametrize("c", [3, 16])  # both backward strategies (scatter-adds, sparse)
 def test_row_bands_many_seeds(c):
     """Transmittance and suffix sums are exact fixed-point sums, so rendering in
-    bands of rows changes outputs not at all and gradients only by the order of
-    the per-Gaussian sums (pairs come in pixel order, which bands permute)."""
+    bands of rows changes nothing: bit for bit with the sparse backward (its
+    per-Gaussian sums run in generation order), to rounding with scatter-adds
+    (they run in pixel order, which bands permute)."""
     for seed in (21, 22, 27):
         scene = mixed_scene(700, c, 30, 22, seed=seed)
         pr, order = _composite_inputs(scene, 30, 22)
         ref = _composite_with_grads(pr, scene, order, 30, 22, band_budget=1 << 22)
         for budget in (500, 1):
             other = _composite_with_grads(pr, scene, order, 30, 22, band_budget=budget)
-            assert torch.equal(ref[0], other[0]) and torch.equal(ref[1], other[1])
-            for a, b in zip(ref[2:], other[2:]):
-                assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+            for a, b in zip(ref, other):
+                if c > 4:
+                    assert torch.equal(a, b)
+                else:
+                    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_runs_are_bit_repeatable():

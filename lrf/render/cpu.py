@@ -28,13 +28,13 @@ faster):
    int64 fixed point, reset at every pixel; T <= 1e-4 early termination
    becomes a threshold, and only surviving pairs go further.  Exact sums
    make every pixel independent of where its pairs sit in the flat list
-   (rendering in bands changes no output bit).
+   (rendering in bands changes no transmittance).
 5. *Channels.*  The image is ``W @ F`` with W the [P, N] CSR matrix of
    blending weights.  The backward needs ``c = (dI @ F^T)[pairs]`` and the
    per-Gaussian sums ``W^T @ dI`` and moments of dL/dsigma: with many
    channels as a sampled product and sparse products with a Gaussian-major
-   CSR (pairs radix-sorted by Gaussian id); with few (RGB) as per-channel
-   gathers and scatter-adds, cheaper there.
+   CSR (the pairs' generation order, found by counting, not sorting); with
+   few (RGB) as per-channel gathers and scatter-adds, cheaper there.
 6. *Backward.*  dL/dalpha per pair from per-pixel suffix sums (exact fixed
    point again), then the per-Gaussian sums above.
 
@@ -102,21 +102,14 @@ def _repeat(values: Tensor, counts: Tensor, total: int) -> Tensor:
 
 
 def _stable_argsort(keys: Tensor, bound: int) -> Tensor:
-    """Permutation that stably sorts non-negative integer keys below ``bound``.
+    """Permutation that stably sorts int32 keys in [0, bound).
 
     numpy's stable sort of 16-bit keys is a radix sort (~3x faster than
-    torch's): one pass per 16 bits of ``bound``, least significant first.
-    Non-CPU tensors use torch.sort.
+    torch's); larger keys or non-CPU tensors use torch.sort.
     """
-    if not _on_cpu(keys):
-        return torch.sort(keys, stable=True).indices
-    k = keys.numpy()
-    perm = None
-    for shift in range(0, max(bound - 1, 1).bit_length(), 16):
-        digit = ((k if perm is None else k[perm]) >> shift).astype(np.uint16)
-        step = np.argsort(digit, kind="stable")
-        perm = step if perm is None else perm[step]
-    return torch.from_numpy(perm)
+    if _on_cpu(keys) and bound <= 1 << 16:
+        return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+    return torch.sort(keys, stable=True).indices
 
 
 def _below(x: float, dt: torch.dtype) -> float:
@@ -135,6 +128,13 @@ def _fixed_point_bits(n: int, bound: float) -> int:
     rounding at all.  Capped at 100 so that 2^+-bits is a normal float32.
     """
     return int(min(100, math.floor(62 - math.log2(max(n, 1) * max(bound, 1e-30)))))
+
+
+def _cat(parts):
+    """torch.cat of per-band results (also of tuples of tensors)."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
 def _at_segment_ends(values: Tensor, ends: Tensor) -> Tensor:
@@ -200,7 +200,8 @@ class _Segments:
     column // SEG.  Per sorted segment: Gaussian position ``g``, ``dy`` and
     the operands of the alpha test (first pixel centre ``xc``, ``mx``, ``a``,
     ``bdy`` = b dy, ``cdy2`` = c dy dy, ``op``); per cell: ``cnt`` segments,
-    the first at ``start``.
+    the first at ``start``; ``perm`` maps a sorted segment to its
+    Gaussian-major (generation) index.
     """
 
     def __init__(self, mx: Tensor, my: Tensor, a: Tensor, b: Tensor, c: Tensor, op: Tensor,
@@ -218,8 +219,8 @@ class _Segments:
         r = torch.cumsum(torch.bincount(first, minlength=S + 1)[:S], 0, dtype=_I32).sub_(1)
         key = ry.mul_(nb).add_(b0).sub_(first).index_select(0, r).add_(
             torch.arange(S, dtype=_I32, device=dev))
-        perm = _stable_argsort(key, ncell)
-        r = r.index_select(0, perm)
+        self.perm = _stable_argsort(key, ncell)
+        r = r.index_select(0, self.perm)
         self.cnt = torch.bincount(key, minlength=ncell)
         self.start = torch.cumsum(self.cnt, 0) - self.cnt
         self.cell = _repeat(torch.arange(ncell, dtype=_I32, device=dev), self.cnt, S)
@@ -259,8 +260,10 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     lists the pairs of pixel (cell c, lane j) contiguously and front to back;
     the band's pixel order is q = j * (c_hi - c_lo) + (c - c_lo).  Returns,
     in q order, the pixels' pair counts; and for every pair that passes the
-    alpha test and early termination: its segment, clamped alpha, log T
-    after it (int64, units of 2^-bits) and, if ``want_dx``, dx (else empty).
+    alpha test and early termination: its segment, clamped alpha and log T
+    after it (int64, units of 2^-bits); then either the pairs' dx (if
+    ``want_dx``) or (the pairs' ranks among their segment's pairs, each
+    segment's number of pairs), both uint8.
     """
     dev = sg.g.device
     s_lo = int(sg.start[c_lo]) if c_lo < sg.cnt.shape[0] else sg.S
@@ -268,7 +271,8 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     Sb, nc = s_hi - s_lo, c_hi - c_lo
     if Sb == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, sg.xc[:0], z, sg.xc[:0]
+        return (torch.zeros(SEG * nc, dtype=torch.long, device=dev), z, sg.xc[:0], z,
+                sg.xc[:0] if want_dx else (z.to(torch.uint8), z.to(torch.uint8)))
     sl = slice(s_lo, s_hi)
     lane = torch.arange(SEG, device=dev)
 
@@ -314,8 +318,17 @@ def _band_pairs(sg: _Segments, c_lo: int, c_hi: int, dt, bits: int, want_dx: boo
     for j in range(1, SEG):  # e = j * Sb + s, one slice per lane
         s[int(pos[j * nc]):int(pos[(j + 1) * nc])] -= j * Sb
     s.add_(s_lo)
-    dx_used = dx.view(-1).index_select(0, e) if want_dx else dx.new_empty(0)
-    return counts, s, a_k.index_select(0, u), lta.index_select(0, u), dx_used
+    lt_after = lta.index_select(0, u)
+    if want_dx:  # the scatter-add backward works with dx, dy
+        return counts, s, a_k.index_select(0, u), lt_after, dx.view(-1).index_select(0, e)
+    # The sparse backward needs each pair's rank among its segment's used lanes
+    # (an exclusive prefix over lanes) and each segment's number of pairs.
+    u8 = torch.zeros(SEG, Sb, dtype=torch.uint8, device=dev)
+    u8.view(-1).index_fill_(0, e, 1)
+    ex = torch.zeros(SEG + 1, Sb, dtype=torch.uint8, device=dev)
+    for j in range(SEG):
+        torch.add(ex[j], u8[j], out=ex[j + 1])
+    return counts, s, a_k.index_select(0, u), lt_after, (ex.view(-1).index_select(0, e), ex[SEG])
 
 
 # --- steps 5-6: compositing and its backward ---------------------------------------
@@ -351,8 +364,9 @@ class _Composite(torch.autograd.Function):
         for c_lo, c_hi in sg.bands(band_budget):
             parts.append(_band_pairs(sg, c_lo, c_hi, dt, bits, scatter))
             qpix.append((torch.arange(c_lo, c_hi, device=dev) * SEG + lane).view(-1))
-        counts, s, alpha, lta, dx = (
-            p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))
+        counts, s, alpha, lta, extra = (
+            p[0] if len(parts) == 1 else _cat(p) for p in zip(*parts))
+        dx, (rank, nu) = (extra, (None, None)) if scatter else (None, extra)
         qpix = qpix[0] if len(qpix) == 1 else torch.cat(qpix)
         del parts
         Pq = counts.shape[0]  # = height * nb * SEG
@@ -387,14 +401,15 @@ class _Composite(torch.autograd.Function):
         ctx.shape = (height, width, wp)
         ctx.scatter = scatter
         ctx.W = W
-        ctx.save_for_backward(*cols, op, features, background, order, qpix, gid, counts, ratio,
-                              clamped, w, t_final, t_final_img, dx, dy)
+        ctx.save_for_backward(*cols, op, features, background, order, qpix, gid, gpos, s,
+                              rank, nu, sg.perm, counts, ratio, clamped, w, t_final,
+                              t_final_img, dx, dy)
         return image[:, :width].contiguous(), 1.0 - t_final_img
 
     @staticmethod
     def backward(ctx, g_image, g_alpha):
-        (mx, my, a, b, cc, op, features, background, order, qpix, gid, counts, ratio, clamped, w,
-         t_final, t_final_img, dx, dy) = ctx.saved_tensors
+        (mx, my, a, b, cc, op, features, background, order, qpix, gid, gpos, s, rank, nu, perm,
+         counts, ratio, clamped, w, t_final, t_final_img, dx, dy) = ctx.saved_tensors
         N, C = features.shape
         height, width, wp = ctx.shape
         Pq = t_final.shape[0]
@@ -441,8 +456,8 @@ class _Composite(torch.autograd.Function):
                                                         (a, b, cc, op), order, want_f)
         else:
             g_features, g_rows = _gaussian_sums_sparse(
-                g_sig, w, gid, q, G, qpix, (mx, my, a, b, cc, op), order, N, width, height, wp,
-                want_f)
+                g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, (mx, my, a, b, cc, op), order,
+                N, width, height, wp, want_f)
         # [N, k] gradients as views of [k, N] rows, matching the projection's layout.
         return (g_rows[:2].t(), g_rows[2:5].t(), g_rows[5], g_features, g_background, None,
                 None, None, None)
@@ -475,26 +490,40 @@ def _gaussian_sums_scatter(g_sig, w, dx, dy, gid, q, Gt, N, abco, order, want_f)
     return g_features, torch.stack(_grad_rows(*sums, *full))
 
 
-def _gaussian_sums_sparse(g_sig, w, gid, q, G, qpix, cols, order, N, width, height, wp,
-                          want_f):
+def _gaussian_sums_sparse(g_sig, w, gpos, s, rank, nu, perm, q, G, qpix, cols, order, N,
+                          width, height, wp, want_f):
     """Per-Gaussian sums as sparse products with a Gaussian-major CSR (many channels).
 
-    A stable radix sort of the pairs by Gaussian id gives the CSR's order (rows
-    in id order, culled ones empty), so the products come out full-size.
+    The pairs' generation order (Gaussian, row, cell) is Gaussian-major: a pair's
+    place in it is the number of pairs of earlier unsorted segments plus its rank
+    in its own.  Rows are then put in Gaussian-id order (culled ones empty), so
+    the products come out full-size.
     """
     dt, dev = g_sig.dtype, g_sig.device
-    Pq = G.shape[0]
-    gperm = _stable_argsort(gid, N)
+    n, Pq, S = order.shape[0], G.shape[0], nu.shape[0]
+    # Pairs before each segment in generation order.  Only segments with pairs
+    # count, which keeps the random accesses through perm to those.
+    nz = _where_above(nu, 0)
+    nu_nz = nu.index_select(0, nz).long()
+    gen = perm.index_select(0, nz)
+    run = torch.cumsum(torch.zeros(S, dtype=torch.long, device=dev).index_copy_(0, gen, nu_nz), 0)
+    seg_start = torch.empty(S, dtype=torch.long, device=dev)
+    seg_start.index_copy_(0, nz, run.index_select(0, gen).sub_(nu_nz))
+    # Depth-major place, then shifted per Gaussian to Gaussian-id-major.
+    cnt = torch.bincount(gpos, minlength=n)
+    cnt_id = torch.zeros(N, dtype=torch.long, device=dev).index_copy_(0, order, cnt)
+    crow = torch.zeros(N + 1, dtype=torch.long, device=dev)
+    torch.cumsum(cnt_id, 0, out=crow[1:])
+    shift = crow.index_select(0, order).sub_(torch.cumsum(cnt, 0).sub_(cnt))
+    gm = seg_start.index_select(0, s).add_(rank).add_(shift.index_select(0, gpos))
     it = _I32 if max(q.shape[0], Pq) < 1 << 31 else torch.long
-    crow = torch.zeros(N + 1, dtype=it, device=dev)
-    torch.cumsum(torch.bincount(gid, minlength=N), 0, out=crow[1:])
-    col = q.index_select(0, gperm).to(it)
+    crow, col = crow.to(it), torch.empty(q.shape, dtype=it, device=dev).index_copy_(0, gm, q.to(it))
 
     def gaussian_sums(vals: Tensor, dense: Tensor) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            mat = torch.sparse_csr_tensor(crow, col, vals.index_select(0, gperm),
-                                          size=(N, Pq), check_invariants=False)
+            mat = torch.sparse_csr_tensor(crow, col, torch.empty_like(vals).index_copy_(
+                0, gm, vals), size=(N, Pq), check_invariants=False)
         return mat @ dense
 
     g_features = gaussian_sums(w, G) if want_f else None
