@@ -125,12 +125,10 @@ def _read(path: Path):
 
 
 def overall_table(md: str) -> str:
-    """The report's first section with a table (the overall one), else the whole summary."""
-    sections = md.split("\n### ")
-    for sec in sections[1:]:
-        if "\n|" in sec:
-            return "### " + sec.strip()
-    return md.strip()
+    """The report's claims and overall sections (by their headings), else the whole summary."""
+    wanted = ("The paper's claims", "Overall")
+    found = ["### " + sec.strip() for sec in md.split("\n### ")[1:] if sec.startswith(wanted)]
+    return "\n\n".join(found) if found else md.strip()
 
 
 def summary(args) -> int:
