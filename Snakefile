@@ -2,10 +2,23 @@
 # Data flows one way: images -> poses -> correspondences -> VAE -> field -> renders -> metrics -> report.
 # Every rule is a thin call of `python -m lrf.<step>`; the logic lives in lrf/ and is tested there.
 
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
 configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+# Names reach file paths and shell commands: only safe characters (the schemas enforce it too).
+wildcard_constraints:
+    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    scene="[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
 include: "workflow/rules/download.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/sfm.smk"

@@ -9,8 +9,12 @@ means at a small rate) and into a per-scene copy of the decoder. Held-out views 
 read while training; the field's background and the encoder stay as they were.
 
 Each step: one training view, its field rendered at 1/8 (K[:2] / 8), a random latent crop of
-`crop // 8` cells and the photo crop under it (latent cell offset * 8 = pixel offset).
-Checkpoints, exact resumption and progress are those of the fine-tuning stages.
+`crop // 8` cells and the photo crop under it (latent cell offset * 8 = pixel offset), or the
+whole view with `crop: 0`. Checkpoints, exact resumption and progress are those of the
+fine-tuning stages. With `validate_every` > 0 a few training views (lrf.scene.model.
+validation_views) leave the alignment and choose the step shipped by their decoded PSNR; step 0,
+the field and decoder as given, is a candidate, so a scene whose few views overfit keeps the
+best step instead of the last.
 
     python -m lrf.align --scene results/D/S/prepared/scene.json \
         --field results/D/S/fields/vanilla/field.safetensors --vae '{"kind":"taef2","source":"{weights}/taef2"}' \
@@ -18,7 +22,6 @@ Checkpoints, exact resumption and progress are those of the fine-tuning stages.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -26,14 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, load_lpips, psnr_l1, save_module,
-                                 tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at, save_field
 from lrf.io import atomic_write_json
-from lrf.settings import AlignConfig
-from lrf.scene.model import Scene
+from lrf.metrics import load_lpips, psnr_l1
+from lrf.scene.model import Scene, validation_views
+from lrf.settings import DOWNSCALE, AlignConfig
+from lrf.train.loop import RNG, TrainLoop, fingerprint
+from lrf.vae.grid import image_tensor, latent_crop, trim8
 
 CURVE_COLUMNS = ("step", "loss", "l1", "dssim", "lpips", "seconds")
 
@@ -54,7 +59,7 @@ def train_psnr(vae, field, scene: Scene, background, backend: str, ids) -> float
     ps = []
     for i in ids:
         z = render_latent(field, scene.cameras[i], background, backend)
-        ps.append(psnr_l1(vae.decode(z[None]).float(), trim8(image_tensor(scene, i))[None])[0])
+        ps.append(psnr_l1(vae.decode(z[None]).float().cpu(), trim8(image_tensor(scene, i))[None])[0])
     return float(np.mean(ps)) if ps else None
 
 
@@ -69,10 +74,15 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
     if field.channels != vae.latent_channels:
         raise InputError(f"{scene.key}: field has {field.channels} channels, the {vae.kind} decoder "
                          f"expects {vae.latent_channels}")
-    ids = list(scene.train)  # held-out views never reach this step
+    val = validation_views(scene, cfg.val_views) if cfg.validate_every else []
+    ids = [i for i in scene.train if i not in val]  # held-out views never reach this step
     if not ids:
-        raise InputError(f"{scene.key}: no training views to align on")
-    cells = cfg.crop // DOWNSCALE
+        raise InputError(f"{scene.key}: no training views to align on"
+                         + (" (validate_every needs 2 or more)" if cfg.validate_every else ""))
+    cells = cfg.crop // DOWNSCALE or None  # None: whole views
+    dev = resolve_device(cfg.device, scene.key, renders=True)
+    field.to(dev)
+    background = None if background is None else torch.as_tensor(background).to(dev)
     dec = vae.decoder
     vae.requires_grad_(False)
     lrs = _field_lrs(cfg, scene_scale(scene))
@@ -105,9 +115,10 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
         for _ in range(cfg.batch):
             i = ids[int(rng.np.integers(len(ids)))]
             if i not in photos:
-                photos[i] = trim8(image_tensor(scene, i))
+                photos[i] = trim8(image_tensor(scene, i)).to(dev)
             z = render_latent(field, scene.cameras[i], background, cfg.backend)
-            top, left, ch, cw = latent_crop(rng.np, z.shape[1], z.shape[2], cells)
+            top, left, ch, cw = (latent_crop(rng.np, z.shape[1], z.shape[2], cells) if cells
+                                 else (0, 0, z.shape[1], z.shape[2]))
             zs.append(z[:, top:top + ch, left:left + cw])
             xs.append(photos[i][:, top * DOWNSCALE:(top + ch) * DOWNSCALE, left * DOWNSCALE:(left + cw) * DOWNSCALE])
         z, x = torch.stack(zs), torch.stack(xs)
@@ -122,7 +133,12 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
         vals = (float(loss.detach()), float(l1.detach()), float(ds.detach()), float(lp.detach()))
         return vals, {"loss": vals[0], "l1": vals[1]}
 
-    if not loop.run(step_fn, stop_at, train=[(field, True), (dec, cfg.tune_decoder)]):
+    def validate():  # every step is eligible: the score itself is what the alignment is for
+        score = train_psnr(vae, field, scene, background, cfg.backend, val)
+        return score, True, {"val_psnr": score}
+
+    if not loop.run(step_fn, stop_at, train=[(field, True), (dec, cfg.tune_decoder)],
+                    validate=validate if val else None):
         return None
 
     after = train_psnr(vae, field, scene, background, cfg.backend, monitor)
@@ -130,8 +146,13 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
               "s_per_step": loop.seconds / max(loop.step, 1), "vae": spec,
               "train_psnr": {"views": [scene.cameras[i].name for i in monitor], "before": loop.extra["before"],
                              "after": after}}
+    if val:
+        report["validation"] = dict(loop.validation(), views=[scene.cameras[i].name for i in val],
+                                    criterion="decoded PSNR of the rendered field at the validation views (dB)")
     meta = dict(field_meta or {})  # field.json of the fitted field: background, channel norm, ...
     meta["aligned"] = {k: report[k] for k in ("steps", "seconds", "train_psnr")}
+    if val:
+        meta["aligned"]["chosen_step"] = report["validation"]["chosen_step"]
     save_field(field, loop.out_dir / "field.safetensors",
                {k: meta[k] for k in ("channel_norm", "sh_degree", "channels") if k in meta})
     atomic_write_json(loop.out_dir / "field.json", meta)
@@ -142,40 +163,27 @@ def align_scene(vae, field, scene: Scene, background, cfg: AlignConfig, out_dir:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import run_main
+    from lrf.cli import run_main, start_step, step_parser
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scene", required=True, type=Path, help="prepared scene.json")
+    ap = step_parser(__doc__, vae="required", cfg="AlignConfig", renders=True)
     ap.add_argument("--field", required=True, type=Path, help="the fitted latent field.safetensors")
-    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder, decoder (the starting decoder)]")
-    ap.add_argument("--weights-dir", required=True, type=Path)
-    ap.add_argument("--cfg", default="{}", help="JSON overrides of AlignConfig")
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
         from lrf.vae.factory import load_vae
 
-        torch.set_num_threads(args.threads)
-        try:
-            spec, over = json.loads(args.vae), json.loads(args.cfg)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--vae/--cfg: not JSON ({e.msg})") from None
-        if args.seed is not None:
-            over["seed"] = args.seed
-        cfg = AlignConfig.from_overrides(over)
         scene = Scene.load(args.scene)
+        step = start_step(args, who=scene.key, renders=True)
+        cfg = step.config(AlignConfig)
         if not args.field.is_file():
             raise InputError(f"{scene.key}: {args.field}: field file missing")
-        field = load_field(args.field)
+        field = load_field(args.field, step.device)
         meta_path = args.field.with_suffix(".json")
         field_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         bg = field_background(args.field, field.channels)
-        vae = load_vae(spec, args.weights_dir, cfg.device)
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
         lp = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
-        rep = align_scene(vae, field, scene, bg, cfg, args.out, lp, spec=spec, field_meta=field_meta)
+        rep = align_scene(vae, field, scene, bg, cfg, args.out, lp, spec=step.spec, field_meta=field_meta)
         tp = rep["train_psnr"]
         return (f"{scene.key}: aligned field + decoder, {rep['steps']} steps, {rep['s_per_step']:.2f} s/step; "
                 f"training-view PSNR {tp['before']:.2f} -> {tp['after']:.2f}")

@@ -5,6 +5,9 @@ rest as JSON metadata; its SHA-256 is written beside it. Both writes are atomic;
 between them leaves a hash that no longer matches, which `load_checkpoint` treats as corrupt
 (the run restarts rather than guess). A checkpoint written with other settings or data (its
 `fingerprint`) is ignored too. Used by field fitting and by both fine-tuning stages.
+
+Beside them: the content hashes that pin what a checkpoint was made from, and the float32
+safetensors a trainer ships its tuned module as.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -76,3 +80,30 @@ def load_checkpoint(out_dir: str | Path, fingerprint: dict) -> tuple[dict, dict]
 def remove_checkpoint(out_dir: str | Path) -> None:
     for name in (CKPT_NAME, CKPT_META):
         (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """Hash of tensor contents: pins the exact data/weights a checkpoint was made from."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
+    return h.hexdigest()
+
+
+def save_module(path: str | Path, module: torch.nn.Module, meta: dict | None = None) -> None:
+    """A module's state_dict as float32 safetensors (what lrf.vae.factory.load_vae swaps in)."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+          for k, v in module.state_dict().items()}
+    atomic_write_bytes(path, save(sd, metadata={"lrf": json.dumps(meta or {})}))

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -42,33 +41,22 @@ def load_latents(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import run_main
+    from lrf.cli import run_main, start_step, step_parser
     from lrf.vae.factory import load_vae
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scene", required=True, type=Path)
-    ap.add_argument("--vae", required=True, help="JSON spec: kind, source[, encoder, decoder]")
-    ap.add_argument("--weights-dir", required=True, type=Path)
-    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (cuda: a GPU job; fail without one)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True, type=Path)
-    args = ap.parse_args(argv)
+    args = step_parser(__doc__, vae="required").parse_args(argv)
 
     def go():
-        from lrf.gpu import select
-
-        torch.set_num_threads(args.threads)
-        spec = json.loads(args.vae)
         scene = Scene.load(args.scene)
-        _, dev = select("auto", args.device, who=scene.key, renders=False)
-        vae = load_vae(spec, args.weights_dir, str(dev))
+        step = start_step(args, who=scene.key)
+        vae = load_vae(step.spec, args.weights_dir, str(step.device))
         t0 = time.perf_counter()
         lat = encode_scene(scene, vae)
         dt = time.perf_counter() - t0
         z = next(iter(lat.values()))
-        save_latents(args.out, lat, {"vae": spec, "channels": int(z.shape[0]), "seconds": dt})
-        return (f"{scene.key}: encoded {len(lat)} views to {tuple(z.shape)} latents with {spec['kind']} "
-                f"on {dev.type} in {dt:.1f} s")
+        save_latents(args.out, lat, {"vae": step.spec, "channels": int(z.shape[0]), "seconds": dt})
+        return (f"{scene.key}: encoded {len(lat)} views to {tuple(z.shape)} latents with {step.spec['kind']} "
+                f"on {step.device.type} in {dt:.1f} s")
 
     return run_main(go)
 

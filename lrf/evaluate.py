@@ -14,7 +14,6 @@ field's fitting seconds: wall-clock numbers that differ on every run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -110,35 +109,29 @@ def _means(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from lrf.cli import InputError, run_main
+    from lrf.cli import InputError, run_main, start_step, step_parser
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scene", required=True, type=Path)
+    ap = step_parser(__doc__, vae="optional", renders=True)
     ap.add_argument("--kind", required=True, choices=["latent", "rgb", "ceiling"])
     ap.add_argument("--method", required=True)
     ap.add_argument("--field", type=Path, default=None)
-    ap.add_argument("--vae", default=None, help="JSON spec (latent and ceiling kinds)")
-    ap.add_argument("--weights-dir", type=Path, required=True)
     ap.add_argument("--lpips", default="alex,vgg")
     ap.add_argument("--rgb-downscale", type=int, default=1, help="the RGB field was fitted at 1/k resolution")
-    ap.add_argument("--backend", default="auto", help="rasterizer (lrf.gpu): auto | cpu | gsplat")
-    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (cuda: a GPU job; fail without one)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
 
     def go():
-        from lrf.gpu import select
-        from lrf.metrics import LPIPS
+        from lrf.metrics import load_lpips
         from lrf.vae.factory import load_vae
 
         torch.manual_seed(0)
-        torch.set_num_threads(args.threads)
         scene = Scene.load(args.scene)
         if not scene.test:
             raise InputError(f"{scene.key}: {args.scene}: no test views")
-        backend, dev = select(args.backend, args.device, who=scene.key, renders=args.kind != "ceiling")
-        vae = load_vae(json.loads(args.vae), args.weights_dir, str(dev)) if args.kind != "rgb" else None
+        if args.weights_dir is None:
+            raise InputError(f"{scene.key}: --weights-dir is needed (LPIPS backbones)")
+        step = start_step(args, who=scene.key, renders=args.kind != "ceiling")
+        dev = step.device
+        vae = load_vae(step.spec, args.weights_dir, str(dev)) if args.kind != "rgb" else None
         field, bg, fit_info, fit_time = None, None, {}, {}
         if args.kind != "ceiling":
             from lrf.field import load_field
@@ -150,13 +143,13 @@ def main(argv=None) -> int:
                 m = json.loads(meta_path.read_text())
                 fit_info = {k: m.get(k) for k in ("steps", "num_gaussians", "final_loss") if k in m}
                 fit_time = {k: m.get(k) for k in ("seconds",) if k in m}
-        nets = {n: LPIPS(n, Path(args.weights_dir) / "lpips") for n in args.lpips.split(",") if n}
-        res, timing = evaluate(scene, args.kind, args.out, vae, field, bg, nets, backend=backend,
+        nets = {n: load_lpips(n, args.weights_dir) for n in args.lpips.split(",") if n}
+        res, timing = evaluate(scene, args.kind, args.out, vae, field, bg, nets, backend=step.backend or "auto",
                                rgb_downscale=args.rgb_downscale)
         who = {"method": args.method, "kind": args.kind, "dataset": scene.dataset, "scene_name": scene.name}
         res.update({**who, "fit": fit_info, "rgb_downscale": args.rgb_downscale if args.kind == "rgb" else None,
                     "width": scene.cameras[0].width, "height": scene.cameras[0].height})
-        timing.update({**who, "fit": fit_time, "threads": args.threads, "device": dev.type, "backend": backend})
+        timing.update({**who, "fit": fit_time, "threads": args.threads, "device": dev.type, "backend": step.backend})
         # timing first: a kill between the two leaves no metrics.json, so the step reruns whole
         atomic_write_json(args.out / "timing.json", timing)
         atomic_write_json(args.out / "metrics.json", res)

@@ -144,3 +144,14 @@ class LPIPS(nn.Module):
         dist = self.model(pred, target, normalize=True)  # normalize: [0,1] -> [-1,1]
         dist = dist.flatten()
         return dist[0] if unbatched else dist
+
+
+def load_lpips(net: str, weights_dir: str | Path, device="cpu") -> "LPIPS":
+    """The LPIPS metric/loss whose backbone lies in the weights folder's lpips/ (no download)."""
+    return LPIPS(net, Path(weights_dir) / "lpips", device=device)
+
+
+def psnr_l1(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(PSNR dB, mean L1) of a clamped prediction; the numbers alignment/recon reports use."""
+    pred = pred.clamp(0, 1)
+    return psnr(pred, target), float((pred - target).abs().mean())

@@ -18,6 +18,10 @@ DOWNSCALE = 8      # the VAEs' latent grid: 1/8 of the image
 EPS2D = 0.3        # 3DGS' screen-space blur (pixels^2), every rasteriser's default (lrf.render)
 
 
+# Settings renamed since earlier releases: an old config fails with a line naming the new key.
+RENAMED = {"iterations": "steps"}
+
+
 def check_overrides(cls, overrides: dict | None) -> dict:
     """`overrides` checked against dataclass `cls`: unknown keys and wrong types raise a one-line
     InputError; ints given for float settings become floats. Returns the checked dict."""
@@ -25,6 +29,10 @@ def check_overrides(cls, overrides: dict | None) -> dict:
         raise InputError(f"{cls.__name__}: overrides must be a mapping, got {type(overrides).__name__}")
     overrides = dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    old = sorted(k for k in overrides if k in RENAMED and RENAMED[k] in fields and k not in fields)
+    if old:
+        raise InputError(f"{cls.__name__}: " + ", ".join(f"{k!r} is now called {RENAMED[k]!r}" for k in old)
+                         + "; rename it in the config")
     bad = sorted(set(overrides) - set(fields))
     if bad:
         raise InputError(f"{cls.__name__}: unknown key(s) {', '.join(bad)}; "
@@ -52,6 +60,19 @@ class Resumable:
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
 
+    @classmethod
+    def from_overrides(cls, overrides: dict | None = None):
+        """Config from JSON overrides, with a one-line InputError for unknown keys, bad types or
+        values out of range."""
+        cfg = cls(**check_overrides(cls, overrides))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Ranges a type check cannot see (subclasses add theirs)."""
+        if getattr(self, "steps", 0) < 0:
+            raise InputError(f"{type(self).__name__}: steps must be >= 0")
+
 
 # ----------------------------------------------------------------------------- fields
 @dataclass
@@ -78,7 +99,7 @@ class FieldConfig(DensifyConfig, Resumable):
     The densification schedule is DensifyConfig's own fields (inherited, so their defaults live
     there only); config.yaml keeps them flat under field.latent / field.rgb."""
 
-    iterations: int = 30_000
+    steps: int = 30_000                  # the run's length, as every trainer's config names it
     sh_degree: int = 0
     sh_degree_interval: int = 1000       # raise the active SH degree every this many steps
     rgb: bool = False                    # RGB field: +0.5 SH offset and clamp (off for latents)
@@ -112,7 +133,7 @@ class FieldConfig(DensifyConfig, Resumable):
     device: str = "auto"
 
     # Keys that may change between a run and its resumption without invalidating it (not
-    # `iterations`: the means' learning rate decays over the whole run).
+    # `steps`: the means' learning rate decays over the whole run).
     RESUME_FREE: ClassVar[frozenset] = frozenset({"checkpoint_every", "log_every", "keep_checkpoint", "eval_loss",
                                                   "backend", "device", "export_ply"})
 
@@ -136,31 +157,39 @@ class TrainConfig(Resumable):
     checkpoint_every: int = 250
     log_every: int = 25
     keep_checkpoint: bool = False  # keep ckpt.safetensors once the final weights are written
-    device: str = "cpu"
+    device: str = "auto"          # lrf.device.resolve_device
+    # Checkpoint selection (stages 1 and 3, the per-scene alignment): score the weights on
+    # validation views carved out of the tuning scenes' TRAINING views (lrf.scene.model.
+    # validation_views; training no longer reads them) at step 0, every `validate_every` steps and
+    # at the end, and ship the best eligible step; step 0 is a candidate, so a stage never ships
+    # weights worse than its start by its own criterion. 0: off (every training view trains).
+    validate_every: int = 0
+    val_views: int = 3            # at most this many validation views per tuning scene (at least 1)
+    val_max_drop_db: float = 0.3  # eligible: clean encode-decode PSNR at the validation views at
+    #                               most this far below step 0's
 
     # Keys that may change between a run and its resumption without invalidating it: `steps`
     # only moves the end (the learning rate is constant), the rest do not touch the maths.
     RESUME_FREE: ClassVar[frozenset] = frozenset({"steps", "checkpoint_every", "log_every",
                                                   "keep_checkpoint", "device"})
-
-    @classmethod
-    def from_overrides(cls, overrides: dict | None = None):
-        """Config from JSON overrides, with a one-line InputError for unknown keys or bad types."""
-        cfg = cls(**check_overrides(cls, overrides))
-        cfg.validate()
-        return cfg
+    WHOLE_VIEWS: ClassVar[bool] = False  # crop 0 means whole views (the alignment only)
 
     def validate(self) -> None:
         name = type(self).__name__
-        if self.crop <= 0 or self.crop % DOWNSCALE:
-            raise InputError(f"{name}: crop must be a positive multiple of {DOWNSCALE}, got {self.crop}")
-        for k in ("steps", "checkpoint_every", "log_every"):
+        if self.crop < 0 or self.crop % DOWNSCALE or (self.crop == 0 and not self.WHOLE_VIEWS):
+            what = "0 (whole views) or a positive" if self.WHOLE_VIEWS else "a positive"
+            raise InputError(f"{name}: crop must be {what} multiple of {DOWNSCALE}, got {self.crop}")
+        for k in ("steps", "checkpoint_every", "log_every", "validate_every"):
             if getattr(self, k) < 0:
                 raise InputError(f"{name}: {k} must be >= 0")
         if self.batch < 1:
             raise InputError(f"{name}: batch must be >= 1")
         if self.lr <= 0:
             raise InputError(f"{name}: lr must be > 0")
+        if self.val_views < 1:
+            raise InputError(f"{name}: val_views must be >= 1")
+        if self.val_max_drop_db < 0:
+            raise InputError(f"{name}: val_max_drop_db must be >= 0")
         if self.lpips_net not in ("alex", "vgg"):
             raise InputError(f"{name}: lpips_net must be 'alex' or 'vgg'")
 
@@ -200,11 +229,6 @@ class Stage1Config(TrainConfig):
     #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
     w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the
     #                               decoded image instead of on the latents)
-    val_views: int = 0            # per tuning scene, this many TRAINING views (evenly spread) are left
-    val_every: int = 0            # out of stage 1 and scored every val_every steps (plain and shift-
-    val_plain_tol: float = 0.5    # averaged ceilings); with val_every > 0 the saved weights are the
-    #                               scored step with the best shift-averaged ceiling whose plain ceiling
-    #                               is within val_plain_tol dB of the start's (step 0 if none is)
     shift_measure: str = "all"    # consistency.json's shift-averaged ceiling (16 encodes per held-out
     #                               view) on "all" scenes, only the --measure-scene ones ("measure"), "none"
 
@@ -226,10 +250,6 @@ class Stage1Config(TrainConfig):
             raise InputError("Stage1Config: w_dec_equiv needs crop >= 48 (the term skips the warped border)")
         if self.decoder_lr < 0:
             raise InputError("Stage1Config: decoder_lr must be >= 0")
-        if self.val_every < 0 or self.val_views < 0:
-            raise InputError("Stage1Config: val_every and val_views must be >= 0")
-        if self.val_every > 0 and self.val_views < 1:
-            raise InputError("Stage1Config: val_every > 0 needs val_views >= 1")
         if self.shift_measure not in ("all", "measure", "none"):
             raise InputError("Stage1Config: shift_measure must be all, measure or none")
 
@@ -258,7 +278,7 @@ class Stage3Config(TrainConfig):
 class AlignConfig(TrainConfig):
     steps: int = 300
     batch: int = 1                # views per step
-    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells
+    crop: int = 128               # photo crop side (pixels); the latent crop is crop // 8 cells; 0: whole views
     lr: float = 5e-5              # the decoder copy (Adam)
     w_lpips: float = 0.0          # photometric loss: L1 + w_dssim * D-SSIM + w_lpips * LPIPS
     w_dssim: float = 0.2
@@ -269,6 +289,10 @@ class AlignConfig(TrainConfig):
     means_lr: float = 1.6e-6      # x scene extent (3DGS' final means rate)
     tune_decoder: bool = True     # False: only the field moves (the decoder stays as given)
     backend: str = "auto"
+    # validate_every > 0: a few of the scene's training views leave the alignment and choose the step
+    # shipped (decoded PSNR there; step 0, the field and decoder as given, is a candidate)
+
+    WHOLE_VIEWS = True
 
     def validate(self) -> None:
         super().validate()
@@ -278,8 +302,8 @@ class AlignConfig(TrainConfig):
 
 
 # ----------------------------------------------------------------------------- the workflow's check
-# config section -> its dataclass. Field configs are only checked (lrf.fit builds them as given);
-# the training stages are also built and validated (ranges, e.g. crop a multiple of 8).
+# config section -> its dataclass; each section is built and validated (names, types, ranges such
+# as a crop that is a multiple of 8).
 SECTIONS = {"field.latent": FieldConfig, "field.rgb": FieldConfig, "stage1": Stage1Config,
             "stage3": Stage3Config, "align": AlignConfig}
 
@@ -292,7 +316,6 @@ def check_config(config: dict) -> None:
             node = (node or {}).get(part) if isinstance(node, dict) else None
         try:
             checked = check_overrides(cls, node)
-            if issubclass(cls, TrainConfig):
-                cls(**checked).validate()
+            cls(**checked).validate()
         except (InputError, TypeError) as e:
             raise ValueError(f"config {section}: {e}") from None

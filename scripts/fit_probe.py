@@ -2,7 +2,7 @@
 FITS (decoded PSNR at training views, latent loss) and GENERALISES (held-out PSNR, LPIPS-alex).
 
     python scripts/fit_probe.py --scene results/llff/fern/prepared/scene.json \
-        --latents results/llff/fern/latents/taef2.safetensors --cfg '{"iterations": 2000, "eps2d": 0.1}' \
+        --latents results/llff/fern/latents/taef2.safetensors --cfg '{"steps": 2000, "eps2d": 0.1}' \
         --out /tmp/probe/fern-a --tag a
 
 Prints one JSON line. Used for the field-fit experiments of docs/experiments.md (E7); held-out

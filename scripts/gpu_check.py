@@ -63,16 +63,15 @@ def make_vae(path: Path, dry: bool) -> dict:
 def check_config(out: Path, dry: bool, steps: int, vae_source: str | None) -> dict:
     paper = yaml.safe_load((REPO / "config" / "presets" / "paper.yaml").read_text())
     shared = Path(os.environ.get("LRF_SHARED") or REPO.parent / "shared").resolve()
-    latent = dict(paper["field"]["latent"], iterations=steps)
+    latent = dict(paper["field"]["latent"], steps=steps)
     if dry:  # the same schedule shape, scaled down: densification still runs
         latent.update(refine_start=10, refine_stop=30, refine_every=10, checkpoint_every=20, log_every=10)
     stage = ({"steps": 3, "batch": 1, "crop": 32, "checkpoint_every": 2, "log_every": 1} if dry else
              {"steps": 300, "batch": 8, "crop": 256, "checkpoint_every": 100, "log_every": 50})
     if dry:
-        resources = {r: {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
-                     for r in ("fit_field", "evaluate", "encode", "stage1", "stage3")}
+        resources = {"default": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}}
     else:
-        resources = paper["resources"]  # gpu: 1 for every heavy rule: no CUDA, no run
+        resources = dict(paper["resources"], sfm={"threads": 4})  # gpu: 1 for every heavy rule: no CUDA, no run
     return {
         "shared_dir": str(shared),
         "scenes": str(out / "scenes.tsv"),
@@ -83,12 +82,11 @@ def check_config(out: Path, dry: bool, steps: int, vae_source: str | None) -> di
         "methods": ["vae-ceiling", "vanilla", "full"] if dry else METHODS,
         "backend": "auto",
         "rgb_downscale": 1,
-        "field": {"latent": latent, "rgb": dict(paper["field"]["rgb"], iterations=steps)},
+        "field": {"latent": latent, "rgb": dict(paper["field"]["rgb"], steps=steps)},
         "stage1": dict(stage),
         "stage3": dict(stage),
-        "sfm": ({"max_side": 320, "matcher": "exhaustive", "max_features": 1024, "min_registered": 0.5, "threads": 1}
-                if dry else {"max_side": 1024, "matcher": "auto", "max_features": 4096, "min_registered": 0.5,
-                             "threads": 4}),
+        "sfm": ({"max_side": 320, "matcher": "exhaustive", "max_features": 1024, "min_registered": 0.5}
+                if dry else {"max_side": 1024, "matcher": "auto", "max_features": 4096, "min_registered": 0.5}),
         "evaluate": {"lpips": ["alex"] if dry else ["alex", "vgg"]},
         "resources": resources,
     }
@@ -127,12 +125,10 @@ def _read(path: Path):
 
 
 def overall_table(md: str) -> str:
-    """The report's first section with a table (the overall one), else the whole summary."""
-    sections = md.split("\n### ")
-    for sec in sections[1:]:
-        if "\n|" in sec:
-            return "### " + sec.strip()
-    return md.strip()
+    """The report's claims and overall sections (by their headings), else the whole summary."""
+    wanted = ("The paper's claims", "Overall")
+    found = ["### " + sec.strip() for sec in md.split("\n### ")[1:] if sec.startswith(wanted)]
+    return "\n\n".join(found) if found else md.strip()
 
 
 def summary(args) -> int:
@@ -186,7 +182,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare")
     p.add_argument("--out", required=True)
     p.add_argument("--dry", action="store_true")
-    p.add_argument("--steps", type=int, default=None, help="latent field iterations (3000; --dry: 40)")
+    p.add_argument("--steps", type=int, default=None, help="latent field steps (3000; --dry: 40)")
     p.add_argument("--vae-source", default=None, help="a diffusers AutoencoderKL folder instead of a random one")
     p.set_defaults(fn=prepare)
     s = sub.add_parser("summary")

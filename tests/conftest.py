@@ -142,6 +142,12 @@ GEOMETRY_SPECS = {
     "herz-jesu": Spec("strecha", "strecha/herz-jesu-p25", "strecha", "herz-jesu-p25", "images_4", 0, 7, 256, 180),
     "mary-rose": Spec("llff", "nerd/mary-rose", "nerd", "mary-rose", "images_4", 0, 7, 256, 120),
     "statue": Spec("llff", "nerd/statue-of-liberty", "nerd", "statue-of-liberty", "images", "video2_0012.jpg", 8, 320, 55),
+    "flower": Spec("llff", "llff/flower", "llff", "flower", "images_8", 0, 7, 256, 300),
+    # a thin object on white: few features at any resolution (about 50 points)
+    "mic": Spec("nerf", "nerf_synthetic/mic", "nerf_synthetic", "mic", None, "train/r_18.png", 10, 256, 25, near=True),
+    # a small object on black: at 256 px a handful of points; the native 640x480 gives ~450
+    "temple": Spec("middlebury", "middlebury/temple-sparse-ring", "middlebury", "temple-sparse-ring", None,
+                   "templeSR0004.png", 8, 640, 200, near=True),
 }
 
 
@@ -225,7 +231,8 @@ def make_workflow(wf: Path, rows, shared: Path, **overrides) -> Path:
                 "select": [f"{r['dataset']}/{r['scene']}" for r in rows] or "demo"})
     # one SfM thread, as the default: multi-threaded matching under load can change which points
     # COLMAP keeps (the SLURM-vs-local comparison saw different point ids once)
-    cfg["sfm"].update({"max_features": 1024, "threads": 1, "matcher": "exhaustive"})
+    cfg["sfm"].update({"max_features": 1024, "matcher": "exhaustive"})
+    assert cfg["resources"]["default"]["threads"] == 1 and "threads" not in cfg["resources"]["sfm"]
     for k, v in overrides.items():
         if v is None:
             cfg.pop(k, None)

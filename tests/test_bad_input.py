@@ -245,3 +245,55 @@ def test_sheet_names_missing_folder(workflow_copy, snakemake_run, data_dir):
     assert "Traceback" not in proc.stderr
     log = wf / "results/logs/sfm_input/llff/ghost.log"
     assert log.exists() and err[0] in log.read_text()
+
+
+# --------------------------------------------------------------------------- Middlebury *_par.txt
+def _temple(copy_scene) -> tuple[Path, Path, list[str]]:
+    root = copy_scene("middlebury/temple-sparse-ring")
+    par = root / "templeSR_par.txt"
+    return root, par, par.read_text().splitlines()
+
+
+@pytest.mark.parametrize("case", ["short_line", "not_a_number", "bad_header", "listed_image_missing",
+                                  "image_without_line", "par_file_missing"])
+def test_middlebury_bad_par_file(case, copy_scene, run_lrf, tmp_path):
+    """Each fault of a Middlebury scene is one line naming the scene, the file and the reason."""
+    root, par, lines = _temple(copy_scene)
+    path, reason = par, None
+    if case == "short_line":
+        lines[3] = " ".join(lines[3].split()[:12])
+        reason = r"^line 4: 12 fields, expected 22 \(name, K row-major, R row-major, t\)$"
+    elif case == "not_a_number":
+        toks = lines[5].split()
+        toks[14] = "0.98x"
+        lines[5] = " ".join(toks)
+        reason = r"^line 6: not a number: '0\.98x'$"
+    elif case == "bad_header":
+        lines[0] = "17"
+        reason = r"^header says 17 cameras, 16 lines follow$"
+    elif case == "listed_image_missing":
+        path = root / "templeSR0005.png"
+        path.unlink()
+        reason = r"^image listed in templeSR_par\.txt is missing$"
+    elif case == "image_without_line":
+        lines = ["14"] + [ln for ln in lines[1:] if not ln.startswith(("templeSR0007.png", "templeSR0012.png"))]
+        path = root / "templeSR0007.png"
+        reason = r"^image has no line in templeSR_par\.txt \(and 1 more\)$"
+    elif case == "par_file_missing":
+        par.unlink()
+        path = root / "*_par.txt"
+        reason = r"^camera file is missing \(no \*_par\.txt\)$"
+    if par.exists():
+        par.write_text("\n".join(lines) + "\n")
+    both(run_lrf, tmp_path, "middlebury", root, "middlebury", "temple", path, reason)
+
+
+def test_middlebury_rotation_that_is_not_one(copy_scene, tmp_path):
+    root, par, lines = _temple(copy_scene)
+    toks = lines[2].split()
+    toks[10:13] = ["2.0", "0.0", "0.0"]  # r11..r13: a scaled first row
+    lines[2] = " ".join(toks)
+    par.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SceneError) as ei:
+        load_scene("middlebury", root, "middlebury", "temple")
+    assert_scene_error(ei.value, "middlebury/temple", par, r"^line 3: R is not a rotation")

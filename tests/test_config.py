@@ -39,8 +39,28 @@ def test_default_and_presets_pass(preset):
     check_config(cfg)
 
 
+def test_cross_dataset_preset_selects_the_corpus(shared_dir):
+    """Tune on six scenes, evaluate on three others; `select` (the corpus group) holds all nine,
+    each a row of the sheet whose folder exists."""
+    import pandas as pd
+
+    preset = yaml.safe_load((REPO / "config" / "presets" / "cross-dataset.yaml").read_text())
+    tune, ev = preset["protocol"]["tune"], preset["protocol"]["eval"]
+    assert tune == ["nerf_synthetic/lego", "instant-ngp/fox", "nerd/statue-of-liberty", "llff/flower",
+                    "nerf_synthetic/mic", "middlebury/temple-sparse-ring"]
+    assert ev == ["llff/fern", "strecha/herz-jesu-p25", "nerd/mary-rose"]
+    corpus = DEFAULT["groups"][preset["select"]]
+    assert preset["select"] == "corpus" and sorted(corpus) == sorted(tune + ev) and len(set(corpus)) == 9
+    sheet = pd.read_csv(REPO / "config" / "scenes.tsv", sep="\t", dtype=str, keep_default_na=False)
+    rows = {f"{r.dataset}/{r.scene}": r for r in sheet.itertuples()}
+    assert set(corpus) <= set(rows)
+    for key in corpus:
+        assert (shared_dir / "data" / rows[key].path).is_dir(), key
+    assert rows["middlebury/temple-sparse-ring"].format == "middlebury"
+
+
 # (section, a misspelt key, a key with a value of the wrong type)
-CASES = [("field.latent", "iteratoins", ("iterations", "many")),
+CASES = [("field.latent", "stpes", ("steps", "many")),
          ("field.rgb", "refine_strat", ("max_gaussians", 1.5)),
          ("stage1", "stpes", ("crop", "96")),
          ("stage3", "clean_fractoin", ("clean_fraction", True)),
@@ -60,6 +80,16 @@ def test_typo_and_wrong_type_fail_by_name(section, typo, wrong):
     key, value = wrong
     with pytest.raises(ValueError, match=rf"^config {section}: \w+: {key} must be \w+, got "):
         check_config(_with(section, key, value))
+
+
+def test_renamed_key_names_the_new_one():
+    """A run's length is `steps` in every trainer's settings; a config that still says
+    `iterations` (the field's old name) fails with a line naming the new key."""
+    with pytest.raises(ValueError, match=r"^config field.latent: FieldConfig: 'iterations' is now called 'steps'"):
+        check_config(_with("field.latent", "iterations", 2000))
+    for cls in (FieldConfig, Stage1Config, Stage3Config, AlignConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert "steps" in names and "iterations" not in names, cls
 
 
 def test_stage_ranges_are_checked_too():

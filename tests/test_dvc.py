@@ -12,9 +12,11 @@ import yaml
 
 from conftest import REPO, lrf_env, make_workflow
 
+pytestmark = pytest.mark.slow  # dvc repro / push / pull of a small pipeline
+
 FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
         "poses": "given", "max_side": 128, "max_images": 6}
-TINY_FIELD = {"iterations": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
+TINY_FIELD = {"steps": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
               "max_gaussians": 3000, "checkpoint_every": 1000, "log_every": 10, "background": "mean"}
 
 
@@ -29,10 +31,10 @@ def hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def set_iterations(wf: Path, n: int) -> None:
+def set_field_steps(wf: Path, n: int) -> None:
     cfg_path = wf / "config" / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["field"]["latent"]["iterations"] = n
+    cfg["field"]["latent"]["steps"] = n
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -78,7 +80,7 @@ def test_dvc_push_pull_roundtrip_and_metrics_diff(dvc_repo):
     assert "psnr/vanilla" in metrics
     sh(git + ["add", "-A"], wf, env)
     sh(git + ["commit", "-qm", "run 1"], wf, env)
-    set_iterations(wf, 60)
+    set_field_steps(wf, 60)
     sh(["dvc", "repro"], wf, env)
     diff = sh(["dvc", "metrics", "diff", "--md"], wf, env)
     print(diff)

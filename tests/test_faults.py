@@ -16,7 +16,9 @@ import pytest
 
 from conftest import lrf_env, make_workflow, snakemake_cmd
 
-CFG = {"iterations": 120, "refine_start": 20, "refine_stop": 80, "refine_every": 20, "reset_every": 100000,
+pytestmark = pytest.mark.slow  # killed and resumed runs, end to end
+
+CFG = {"steps": 120, "refine_start": 20, "refine_stop": 80, "refine_every": 20, "reset_every": 100000,
        "max_gaussians": 4000, "checkpoint_every": 20, "log_every": 20, "background": "mean"}
 
 
@@ -84,7 +86,8 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, final: str, min_step: int,
 
 def _kill_rerun_compare(cmd, ref: Path, out: Path, final: str, env: dict, min_step: int = 4) -> str:
     """An uninterrupted run beside one killed after a checkpoint; rerun the killed one to the end
-    with the same command; the final weights must be bit-identical. Returns the rerun's stderr."""
+    with the same command; the final weights and validation rows must be bit-identical. Returns the
+    rerun's stderr."""
     whole = subprocess.Popen(cmd(ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _kill_after_checkpoint(cmd(out), out, final, min_step, env)
     _, err = whole.communicate(timeout=600)
@@ -98,6 +101,10 @@ def _kill_rerun_compare(cmd, ref: Path, out: Path, final: str, env: dict, min_st
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert not (out / "ckpt.safetensors").exists()  # consumed: the finished run cleans up
+    import pandas as pd  # checkpoint selection (validate_every): the same validations, so the same choice
+
+    va, vb = (pd.read_csv(d / "val.csv").drop(columns="seconds") for d in (ref, out))
+    assert va["step"].tolist() == [0, 3, 6, 9, 10] and va.equals(vb)
     return done.stderr
 
 
@@ -136,7 +143,7 @@ def test_sigkill_during_stage1_then_rerun_is_exact(small_fern, tmp_path, shared_
     m, pairs = corr.mine(Scene.load(scene_json))
     corr.write(tmp_path / "corr", m, pairs, corr.summarize(Scene.load(scene_json), m, pairs))
     cfg = {"steps": 10, "crop": 48, "batch": 1, "w_lpips": 0.0, "corr_margin": 6, "checkpoint_every": 2,
-           "log_every": 1}
+           "log_every": 1, "validate_every": 3}
 
     cmd = _stage_cmd("stage1", shared_dir, cfg, "--scene", scene_json, "--corr", tmp_path / "corr")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "encoder.safetensors", lrf_env(shared_dir))
@@ -155,7 +162,7 @@ def test_sigkill_during_stage3_then_rerun_is_exact(small_fern, tmp_path, shared_
     feats = np.random.default_rng(0).standard_normal((len(pts), 32)).astype(np.float32)
     save_field(GaussianField.from_points(pts.xyz, feats, init_opacity=0.5), tmp_path / "field.safetensors")
     cfg = {"steps": 10, "crop": 32, "batch": 2, "w_lpips": 0.0, "backend": "cpu", "checkpoint_every": 2,
-           "log_every": 1}
+           "log_every": 1, "validate_every": 3}
 
     cmd = _stage_cmd("stage3", shared_dir, cfg, "--scene", scene_json, "--field", tmp_path / "field.safetensors")
     err = _kill_rerun_compare(cmd, tmp_path / "whole", tmp_path / "killed", "decoder.safetensors", lrf_env(shared_dir))
@@ -200,7 +207,7 @@ def test_steps_run_with_sockets_blocked(given_runs, tmp_path, shared_dir):
     lat = tmp_path / "lat.safetensors"
     steps = [["lrf.encode", "--scene", str(scene), "--vae", vae, "--weights-dir", w, "--threads", "1", "--out", str(lat)],
              ["lrf.fit", "--scene", str(scene), "--targets", "latents", str(lat), "--cfg",
-              json.dumps(dict(CFG, iterations=20)), "--threads", "1", "--out", str(tmp_path / "field")],
+              json.dumps(dict(CFG, steps=20)), "--threads", "1", "--out", str(tmp_path / "field")],
              ["lrf.evaluate", "--scene", str(scene), "--kind", "latent", "--method", "vanilla", "--field",
               str(tmp_path / "field" / "field.safetensors"), "--vae", vae, "--weights-dir", w, "--threads", "1",
               "--out", str(tmp_path / "eval")]]
@@ -216,7 +223,7 @@ def test_steps_run_with_sockets_blocked(given_runs, tmp_path, shared_dir):
 # --------------------------------------------------------------------------- repeatability
 FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
         "poses": "given", "max_side": 128, "max_images": 6}
-TINY_FIELD = {"iterations": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
+TINY_FIELD = {"steps": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "reset_every": 100000,
               "max_gaussians": 3000, "checkpoint_every": 1000, "log_every": 10, "background": "mean"}
 REPEAT_METHODS = ("vanilla",)  # prepare, SfM, encode, fit, render, decode, LPIPS; the ceiling adds 2x10 s
 
@@ -252,5 +259,5 @@ def test_two_runs_give_identical_metrics_files(shared_dir, tmp_path):
         assert not {"render_ms", "total_ms", "seconds"} & (set(doc["mean"]) | set(doc.get("fit") or {})), doc
         timing = json.loads((a / t).with_name("timing.json").read_text())
         assert timing["mean"]["total_ms"] > 0 and len(timing["per_view"]) == doc["views"]
-    assert json.loads((a / targets[-1]).read_text())["fit"]["steps"] == TINY_FIELD["iterations"]
+    assert json.loads((a / targets[-1]).read_text())["fit"]["steps"] == TINY_FIELD["steps"]
     assert json.loads((a / targets[-1]).with_name("timing.json").read_text())["fit"]["seconds"] > 0

@@ -63,7 +63,7 @@ def _scene(n_pts=48, noise=0.15, seed=0, w=W, h=H, c=C, n_gt=6):
 
 
 def _cfg(**kw):
-    base = dict(iterations=150, densify=False, checkpoint_every=0, log_every=50, backend="cpu",
+    base = dict(steps=150, densify=False, checkpoint_every=0, log_every=50, backend="cpu",
                 device="cpu", seed=3)
     base.update(kw)
     return FieldConfig(**base)
@@ -281,7 +281,7 @@ def test_fit_lowers_loss(tmp_path):
 
 
 def _resume_cfg(**kw):
-    return _cfg(iterations=40, checkpoint_every=10, log_every=5, densify=True, refine_start=4, refine_every=5,
+    return _cfg(steps=40, checkpoint_every=10, log_every=5, densify=True, refine_start=4, refine_every=5,
                 reset_every=30, grow_grad2d=1e-5, grow_scale3d=0.05, max_gaussians=120, sh_degree=1,
                 sh_degree_interval=15, eval_loss=False, keep_checkpoint=True, **kw)
 
@@ -306,7 +306,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_corrupt_checkpoint_is_ignored(tmp_path):
     scene, targets, _ = _scene(n_pts=20)
-    cfg = _cfg(iterations=12, checkpoint_every=5, eval_loss=False)
+    cfg = _cfg(steps=12, checkpoint_every=5, eval_loss=False)
     fit_field(scene, targets, cfg, tmp_path, progress=False, stop_at=11)
     ck = tmp_path / "ckpt.safetensors"
     raw = ck.read_bytes()
@@ -317,7 +317,7 @@ def test_corrupt_checkpoint_is_ignored(tmp_path):
     # a checkpoint from different settings is not resumed either
     fit_field(scene, targets, cfg, tmp_path / "c", progress=False, stop_at=6)
     with pytest.warns(RuntimeWarning, match="different settings"):
-        res = fit_field(scene, targets, _cfg(iterations=12, checkpoint_every=5, eval_loss=False, seed=4),
+        res = fit_field(scene, targets, _cfg(steps=12, checkpoint_every=5, eval_loss=False, seed=4),
                         tmp_path / "c", progress=False)
     assert res.resumed_from is None
 
@@ -329,14 +329,14 @@ def test_targets_below_camera_resolution_and_random_init(tmp_path):
     pts = scene.points
     big = Scene("synthetic", "big", [c.scaled(2.0) for c in scene.cameras],
                 Points(pts.xyz, pts.rgb, pts.error, pts.ids, pts.track_point, pts.track_image, pts.track_xy * 2))
-    cfg = _cfg(iterations=8, eval_loss=False)
+    cfg = _cfg(steps=8, eval_loss=False)
     a = fit_field(scene, targets, cfg, tmp_path / "a", progress=False)
     b = fit_field(big, targets, cfg, tmp_path / "b", progress=False)
     for k in a.field.params.keys():
         assert torch.equal(a.field.params[k], b.field.params[k]), k
     nopts = Scene("synthetic", "nopts", scene.cameras, None)
     with pytest.warns(RuntimeWarning, match="random init"):
-        r = fit_field(nopts, targets, _cfg(iterations=3, random_init_n=50, background="mean"), tmp_path / "r",
+        r = fit_field(nopts, targets, _cfg(steps=3, random_init_n=50, background="mean"), tmp_path / "r",
                       progress=False)
     assert len(r.field) == 50 and np.isfinite(r.final_loss)
     bg = json.loads((tmp_path / "r" / "field.json").read_text())["background_value"]
@@ -391,7 +391,7 @@ def test_eps2d_is_part_of_the_field(tmp_path):
     did in training, and a sharper blur really changes the render (fields saved before the
     setting existed load with 3DGS' 0.3)."""
     scene, targets, _ = _scene()
-    res = fit_field(scene, targets, _cfg(iterations=5, eps2d=0.1), tmp_path, progress=False)
+    res = fit_field(scene, targets, _cfg(steps=5, eps2d=0.1), tmp_path, progress=False)
     f2 = load_field(tmp_path / "field.safetensors")
     assert res.field.eps2d == f2.eps2d == 0.1
     cam = scene.cameras[0]

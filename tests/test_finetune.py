@@ -14,8 +14,8 @@ from PIL import Image
 from torch import nn
 
 from lrf.checkpoint import CKPT_META, CKPT_NAME
-from lrf.finetune.common import crop_origin, inside, sample_latents
-from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, load_corr_scene,
+from lrf.vae.grid import sample_latents
+from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, crop_origin, inside, load_corr_scene,
                                  train_stage1)
 from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
 from lrf.scene.model import Camera, Scene
@@ -220,6 +220,7 @@ def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves():
     torch.testing.assert_close(out["loss"], rest + 2.0 * want)
 
 
+@pytest.mark.slow
 def test_stage1_shift_consistency_improves_encoder_only(tmp_path, taef2):
     """A and A shifted by 4 px (half a latent cell): the pretrained encoder disagrees at exact
     correspondences; training on them lowers the disagreement; only the encoder changes."""
@@ -476,6 +477,7 @@ def fern_subset(run, tmp: Path, keep: list[int], scale: float = 0.5) -> CorrScen
     return CorrScene(scene, m, pairs)
 
 
+@pytest.mark.slow
 def test_fern_smoke_heldout_consistency(tmp_path, taef2, given_runs):
     import copy
 
@@ -780,43 +782,210 @@ def chain_scene(tmp: Path, n: int = 5, shift: int = 3, w: int = 64, h: int = 48,
     return CorrScene(Scene("synthetic", "chain", cams, root=tmp), matches, pd.DataFrame(prs))
 
 
-def test_validation_views_are_training_views_left_out_and_select_the_weights(tmp_path):
-    from lrf.finetune.stage1 import PairSampler, pick_best, validation_views
+def test_stage1_autoencoder_ships_the_best_shift_averaged_step_and_resumes(tmp_path):
+    """Encoder and decoder tuned with the shift-averaged loss, the step shipped chosen on validation
+    views by the shift-averaged ceiling: the shipped pair equals a run stopped at that step, and a run
+    killed and resumed makes the same choice."""
+    from safetensors.torch import load_file
 
     cs = chain_scene(tmp_path / "img")
-    assert cs.scene.train == [0, 1, 2, 3] and validation_views(cs.scene, 1) == [2]
-    assert validation_views(cs.scene, 2) == [1, 2] and validation_views(cs.scene, 0) == []
-    with pytest.raises(Exception, match="val_views"):
-        validation_views(cs.scene, 4)
-    cfg = Stage1Config(crop=32, corr_margin=4)
-    sampler = PairSampler([cs], cfg, exclude={0: [2]})
-    rng = np.random.default_rng(0)
-    seen = {(p.i, p.j) for p in (sampler.sample(rng) for _ in range(200))}
-    assert seen and all(2 not in ij and 4 not in ij for ij in seen)   # neither validation nor test views
-    h = [{"step": 0, "plain": 30.0, "shift": 20.0}, {"step": 2, "plain": 29.7, "shift": 22.0},
-         {"step": 4, "plain": 29.0, "shift": 23.0}]
-    assert pick_best(h, 0.5)["step"] == 2 and pick_best(h, 2.0)["step"] == 4 and pick_best(h, -1.0)["step"] == 0
-
-    over = dict(steps=4, crop=32, batch=2, lr=3e-3, decoder_lr=3e-3, w_lpips=0.0, corr_margin=4, checkpoint_every=2,
-                seed=2, tune_decoder=True, w_shift_avg=1.0, val_views=1, val_every=2, shift_measure="none")
+    over = dict(steps=6, crop=32, batch=2, lr=3e-3, decoder_lr=3e-3, w_lpips=0.0, corr_margin=4, checkpoint_every=2,
+                seed=2, tune_decoder=True, w_shift_avg=1.0, val_views=1, validate_every=2, val_max_drop_db=100.0,
+                shift_measure="none")
 
     def run(out, stop_at=None, **kw):
         vae = TinyAE(4, seed=0)
         return vae, train_stage1(vae, None, [cs], Stage1Config(**{**over, **kw}), out, stop_at=stop_at, progress=False)
 
-    vae, rep = run(tmp_path / "sel", val_plain_tol=100.0)
+    vae, rep = run(tmp_path / "sel")
     v = rep["validation"]
-    assert [r["step"] for r in v["history"]] == [0, 2, 4] and v["views"] == {cs.key: ["2.png"]}
-    assert v["selected_step"] == max(v["history"], key=lambda r: r["shift"])["step"]
-    _, none = run(tmp_path / "none", val_plain_tol=-100.0)        # no step qualifies: the start is kept
-    start = TinyAE(4, seed=0)
+    assert [r["step"] for r in v["rows"]] == [0, 2, 4, 6] and v["views"] == {cs.key: ["2.png"]}
+    assert v["chosen_step"] == max(v["rows"], key=lambda r: (r["score"], -r["step"]))["step"]
+    assert v["score_metric"] == "shift_psnr" and all(r["score"] == r["shift_psnr"] for r in v["rows"])
+    at, _ = run(tmp_path / "at", stop_at=v["chosen_step"]) if v["chosen_step"] else (TinyAE(4, seed=0), None)
+    assert same(state(vae.encoder), state(at.encoder)) and same(state(vae.decoder), state(at.decoder))
+    assert same(load_file(str(tmp_path / "sel" / "decoder.safetensors")), state(vae.decoder))
+    # killed after step 3 and resumed: the same rows and the same shipped weights
+    assert run(tmp_path / "cut", stop_at=3)[1] is None
+    again, rep2 = run(tmp_path / "cut")
+    drop = lambda rs: [{k: x for k, x in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(rep2["validation"]["rows"]) == drop(v["rows"])
+    assert same(state(again.encoder), state(vae.encoder)) and same(state(again.decoder), state(vae.decoder))
+
+
+# ----------------------------------------------------------------------------- checkpoint selection
+def strip_scene(tmp: Path, n: int = 4, shift: int = 4, w: int = 64, h: int = 48) -> CorrScene:
+    """n training views of one texture, each `shift` px right of the previous: pixel x of view k is
+    pixel x + (l - k) * shift of view l, for every pair (k, l), exactly."""
+    tex = smooth_texture(h, w + (n - 1) * shift, seed=3)
+    tmp.mkdir(parents=True, exist_ok=True)
+    cams, ms, ps = [], [], []
+    for k in range(n):
+        o = (n - 1 - k) * shift
+        Image.fromarray(np.ascontiguousarray(tex[:, o:o + w])).save(tmp / f"v{k}.png")
+        cams.append(camera(f"v{k}.png", tmp / f"v{k}.png", w, h, tx=0.1 * k))
+    for k in range(n):
+        for j in range(k + 1, n):
+            d = (j - k) * shift
+            xs, ys = np.meshgrid(np.arange(2.3, w - d - 2, 3.1), np.arange(2.7, h - 2, 3.1))
+            xs, ys = xs.ravel(), ys.ravel()
+            ms.append(pd.DataFrame({"image_i": np.full(len(xs), k, np.int32), "image_j": np.full(len(xs), j, np.int32),
+                                    "point_id": np.arange(len(xs)), "x_i": xs.astype(np.float32),
+                                    "y_i": ys.astype(np.float32), "x_j": (xs + d).astype(np.float32),
+                                    "y_j": ys.astype(np.float32), "err_i": np.zeros(len(xs), np.float32),
+                                    "err_j": np.zeros(len(xs), np.float32)}))
+            ps.append({"image_i": k, "image_j": j, "matches": len(xs), "tri_angle_deg": 5.0, "baseline_rel": 1.0,
+                       "view_angle_deg": 0.0, "weight": 1.0, "split": "train", "name_i": f"v{k}.png",
+                       "name_j": f"v{j}.png"})
+    return CorrScene(Scene("synthetic", "strip", cams, root=tmp), pd.concat(ms, ignore_index=True), pd.DataFrame(ps))
+
+
+class BlurAE(TinyAE):
+    """Encoder: 8x8 average pooling; decoder: a 3x3 convolution that starts as the identity, then
+    nearest 8x upsampling. It decodes clean latents well from the start (a blurred photo), so
+    training it on rendered latents alone visibly costs clean decoding."""
+
+    def __init__(self):
+        super().__init__(3)
+        conv = nn.Conv2d(3, 3, 3, 1, 1)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for c in range(3):
+                conv.weight[c, c, 1, 1] = 1.0
+        self.encoder = nn.Sequential(nn.AvgPool2d(8))
+        self.decoder = nn.Sequential(conv, nn.Upsample(scale_factor=8, mode="nearest"))
+        self.requires_grad_(False)
+
+
+def test_validation_views_are_spread_training_views():
+    from lrf.scene.model import every_nth_split, validation_views
+
+    names = [f"{k:03d}.png" for k in range(40)]
+    split = every_nth_split(names)
+    sc = Scene("s", "s", [camera(n, Path(n), 8, 8, split[n]) for n in names])
+    v = validation_views(sc, most=3)
+    assert v == validation_views(sc, most=3) and len(v) == 3        # 35 training views: 4 by the eighth, at most 3
+    assert set(v) <= set(sc.train) and not set(v) & set(sc.test)
+    assert validation_views(sc, most=10) == [sc.train[int((k + 0.5) * 35 / 4)] for k in range(4)]
+    few = Scene("s", "s", sc.cameras[:3])                           # 1 test + 2 training views: 1 of them
+    assert len(validation_views(few, most=3)) == 1
+    assert validation_views(Scene("s", "s", sc.cameras[:2]), most=3) == []  # never the only training view
+
+
+def test_stage1_validation_views_leave_training(tmp_path):
+    """Pairs that involve a validation view are never sampled; the measured ones are "val"."""
+    from lrf.finetune.stage1 import EXCLUDED, VAL_SPLIT, PairSampler, split_for_validation
+
+    cs = strip_scene(tmp_path / "img", n=4)
+    cfg = Stage1Config(crop=32, batch=2, validate_every=5, corr_margin=4)
+    (tuned,), val = split_for_validation([cs], cfg)
+    assert val == {cs.key: [2]}
+    sp = tuned.pairs.set_index(["image_i", "image_j"])["split"].to_dict()
+    assert sp[(1, 2)] == VAL_SPLIT and sp[(0, 2)] == sp[(2, 3)] == EXCLUDED   # (1, 2): the first with most matches
+    assert {k for k, s in sp.items() if s == "train"} == {(0, 1), (0, 3), (1, 3)}
+    sampler = PairSampler([tuned], cfg)
+    rng = np.random.default_rng(0)
+    assert all(2 not in (p.i, p.j) for p in (sampler.sample(rng) for _ in range(200)))
+    assert split_for_validation([cs], Stage1Config(crop=32))[1] == {}    # off: nothing held back
+    assert cs.pairs["split"].eq("train").all()                            # the caller's tables untouched
+
+
+def _tiny_stage1_val(cs, out, lr, steps=30, stop_at=None, vae=None, **kw):
+    vae = TinyAE(4, seed=0) if vae is None else vae
+    cfg = Stage1Config(steps=steps, crop=32, batch=2, lr=lr, w_lpips=0.0, lambda_corr=3.0, w_anchor=0.0,
+                       w_stats=0.1, checkpoint_every=10, seed=7, validate_every=5, **kw)
+    return vae, train_stage1(vae, None, [cs], cfg, out, stop_at=stop_at, progress=False)
+
+
+def test_stage1_ships_the_best_validated_step_or_the_pretrained_encoder(tmp_path):
     from safetensors.torch import load_file
 
-    assert none["validation"]["selected_step"] == 0
-    assert same(load_file(str(tmp_path / "none" / "encoder.safetensors")), state(start.encoder))
-    assert same(load_file(str(tmp_path / "none" / "decoder.safetensors")), state(start.decoder))
-    # killed after step 3 and resumed: the same history and the same selected weights
-    assert run(tmp_path / "cut", stop_at=3, val_plain_tol=100.0)[1] is None
-    again, rep2 = run(tmp_path / "cut", val_plain_tol=100.0)
-    assert rep2["validation"]["history"] == v["history"]
-    assert same(state(again.encoder), state(vae.encoder)) and same(state(again.decoder), state(vae.decoder))
+    cs = strip_scene(tmp_path / "img")
+    start = state(TinyAE(4, seed=0).encoder)
+    # a good toy autoencoder (8x8 pooling) that lr 1 ruins: no later step scores its step 0, which
+    # ships bit for bit
+    pool = PoolAE()
+    pool_start = state(pool.encoder)
+    vae, rep = _tiny_stage1_val(cs, tmp_path / "ruin", lr=1.0, steps=12, vae=pool)
+    sel = rep["validation"]
+    assert sel["chosen_step"] == 0 and sel["views"] == {cs.key: ["v2.png"]}
+    assert all(r["score"] < sel["rows"][0]["score"] for r in sel["rows"][1:])
+    assert same(state(vae.encoder), pool_start)
+    assert same(load_file(str(tmp_path / "ruin" / "encoder.safetensors")), pool_start)
+    assert rep["overall"]["train"]["after"] == rep["overall"]["train"]["before"]
+    # lr 3e-3: the best eligible validated step ships
+    vae, rep = _tiny_stage1_val(cs, tmp_path / "good", lr=3e-3)
+    rows = rep["validation"]["rows"]
+    best = max((r for r in rows if r["eligible"]), key=lambda r: (r["score"], -r["step"]))
+    assert rep["validation"]["chosen_step"] == best["step"]
+    val_csv = pd.read_csv(tmp_path / "good" / "val.csv")
+    assert val_csv["step"].tolist() == [0, 5, 10, 15, 20, 25, 30]
+    assert list(val_csv.columns) == ["step", "score", "eligible", "shift_psnr", "recon_psnr", "ratio", "matches",
+                                     "seconds"]
+    # the shipped encoder is the one at that step: a run stopped there holds the same weights
+    if best["step"]:
+        at, _ = _tiny_stage1_val(cs, tmp_path / "stopped", lr=3e-3, stop_at=best["step"])
+        assert same(state(vae.encoder), state(at.encoder))
+    # killed after a checkpoint, resumed: the same choice, the same encoder, the same rows
+    _tiny_stage1_val(cs, tmp_path / "cut", lr=3e-3, stop_at=22)
+    resumed, rep2 = _tiny_stage1_val(cs, tmp_path / "cut", lr=3e-3)
+    assert same(state(resumed.encoder), state(vae.encoder))
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert drop(rep2["validation"]["rows"]) == drop(rows)
+
+
+def test_stage1_criterion_guards_reconstruction():
+    from lrf.finetune.stage1 import criterion
+
+    cfg, ref = Stage1Config(), {"shift_psnr": 20.0, "recon_psnr": 25.0}
+    assert criterion({"shift_psnr": 21.0, "recon_psnr": 24.75}, ref, cfg) == (21.0, True)
+    assert criterion({"shift_psnr": 21.0, "recon_psnr": 24.65}, ref, cfg) == (21.0, False)   # 0.35 dB under
+    assert criterion({"shift_psnr": float("nan"), "recon_psnr": 25.0}, ref, cfg)[1] is False
+
+
+def _stage3_val(a, out, vae, stop_at=None, **kw):
+    cfg = Stage3Config(**{**dict(steps=12, crop=32, batch=3, w_lpips=0.0, checkpoint_every=4, seed=3,
+                                 backend="cpu", validate_every=3), **kw})
+    return vae, train_stage3(vae, None, [a], cfg, out, stop_at=stop_at, progress=False)
+
+
+def test_stage3_ships_the_best_validated_step_or_the_pretrained_decoder(tmp_path):
+    from safetensors.torch import load_file
+
+    a = tiny_field_scene(tmp_path / "img", 8)
+    start = state(TinyAE(8, seed=1).decoder)
+    vae, rep = _stage3_val(a, tmp_path / "ruin", TinyAE(8, seed=1), lr=10.0, clean_fraction=0.25)
+    sel = rep["validation"]
+    assert sel["chosen_step"] == 0 and sel["views"] == {a.key: ["v2.png"]}
+    assert all(r["rendered_psnr"] < sel["rows"][0]["rendered_psnr"] for r in sel["rows"][1:])
+    assert same(state(vae.decoder), start) and same(load_file(str(tmp_path / "ruin" / "decoder.safetensors")), start)
+    vae, rep = _stage3_val(a, tmp_path / "good", TinyAE(8, seed=1), lr=3e-3, clean_fraction=0.25)
+    rows = rep["validation"]["rows"]
+    best = max(rows, key=lambda r: r["rendered_psnr"])
+    assert 0 < best["step"] < 12 and rep["validation"]["chosen_step"] == best["step"] and best["eligible"]
+    at, _ = _stage3_val(a, tmp_path / "stopped", TinyAE(8, seed=1), lr=3e-3, clean_fraction=0.25,
+                        stop_at=best["step"])
+    assert same(state(vae.decoder), state(at.decoder))
+    _stage3_val(a, tmp_path / "cut", TinyAE(8, seed=1), lr=3e-3, clean_fraction=0.25, stop_at=10)
+    resumed, rep2 = _stage3_val(a, tmp_path / "cut", TinyAE(8, seed=1), lr=3e-3, clean_fraction=0.25)
+    assert same(state(resumed.decoder), state(vae.decoder))
+    assert [r["score"] for r in rep2["validation"]["rows"]] == [r["score"] for r in rows]
+
+
+def test_stage3_clean_psnr_guard_excludes_a_better_step(tmp_path):
+    """Trained on rendered latents alone, the decoder's clean decoding falls step by step while the
+    rendered PSNR rises: the guard (0.3 dB under step 0's clean PSNR) stops the choice where the
+    clean PSNR crosses it; without it (100 dB) the last step wins."""
+    a = tiny_field_scene(tmp_path / "img", 3)
+    kw = dict(lr=3e-4, clean_fraction=0.0, validate_every=2)
+    vae, rep = _stage3_val(a, tmp_path / "guard", BlurAE(), **kw)
+    rows = rep["validation"]["rows"]
+    limit = rows[0]["clean_psnr"] - 0.3
+    assert [r["eligible"] for r in rows] == [r["clean_psnr"] >= limit for r in rows]
+    chosen = rep["validation"]["chosen_step"]
+    assert chosen == max((r for r in rows if r["eligible"]), key=lambda r: r["rendered_psnr"])["step"]
+    assert 0 < chosen < 12 and rows[-1]["rendered_psnr"] > rows[chosen // 2]["rendered_psnr"]  # a better one excluded
+    _, free = _stage3_val(a, tmp_path / "free", BlurAE(), val_max_drop_db=100.0, **kw)
+    assert free["validation"]["chosen_step"] == 12
+    assert rep["overall"]["rendered_train"]["after"]["psnr"] < free["overall"]["rendered_train"]["after"]["psnr"]

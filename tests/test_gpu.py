@@ -38,14 +38,22 @@ def fake_cuda_no_gsplat(monkeypatch):
     monkeypatch.setattr(gsplat_backend, "_PROBLEMS", {})
 
 
+def select(backend: str, device: str, who: str = "", renders: bool = True):
+    """A step's resolution, as lrf.cli.start_step does it: the device, then the rasteriser."""
+    from lrf.device import resolve_device
+    from lrf.render import resolve_backend
+
+    dev = resolve_device(device, who, renders)
+    return (resolve_backend(backend, dev, who) if renders else None), dev
+
+
 def test_auto_on_cuda_without_gsplat_is_an_error_not_a_warning(fake_cuda_no_gsplat):
-    from lrf.gpu import select
-    from lrf.render import GsplatError, _resolve_backend
+    from lrf.render import GsplatError, resolve_backend
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning would be the old silent fallback
         with pytest.raises(GsplatError, match=r"^gsplat: cannot import it \(ModuleNotFoundError"):
-            _resolve_backend("auto", torch.device("cuda"))
+            resolve_backend("auto", torch.device("cuda"))
         with pytest.raises(GsplatError) as e:
             select("auto", "auto", who="llff/fern")
     msg = str(e.value)
@@ -58,22 +66,25 @@ def test_auto_on_cuda_without_gsplat_is_an_error_not_a_warning(fake_cuda_no_gspl
     assert select("cpu", "cuda") == ("cpu", torch.device("cuda"))
     # steps that only run the VAE need no gsplat
     assert select("auto", "cuda", renders=False)[1] == torch.device("cuda")
+    # a trainer given `auto` (library use) resolves through the same function
+    from lrf.device import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda")
 
 
 def test_stub_device_check_reason_is_passed_through(monkeypatch):
-    from lrf import gpu
+    import lrf.render as render
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu, "gsplat_problem", lambda dev: "gsplat: no CUDA kernels: it found no CUDA toolkit")
-    with pytest.raises(gpu.GsplatError, match="^ds/sc: gsplat: no CUDA kernels: it found no CUDA toolkit; "):
-        gpu.select("auto", "auto", who="ds/sc")
-    monkeypatch.setattr(gpu, "gsplat_problem", lambda dev: None)
-    assert gpu.select("auto", "auto") == ("gsplat", torch.device("cuda"))
+    monkeypatch.setattr(render, "gsplat_problem", lambda dev: "gsplat: no CUDA kernels: it found no CUDA toolkit")
+    with pytest.raises(render.GsplatError, match="^ds/sc: gsplat: no CUDA kernels: it found no CUDA toolkit; "):
+        select("auto", "auto", who="ds/sc")
+    monkeypatch.setattr(render, "gsplat_problem", lambda dev: None)
+    assert select("auto", "auto") == ("gsplat", torch.device("cuda"))
 
 
 def test_cpu_without_a_gpu_request_and_bad_settings():
     from lrf.cli import InputError
-    from lrf.gpu import select
 
     if torch.cuda.is_available():
         pytest.skip("a machine with a GPU")
@@ -98,6 +109,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_steps_print_one_error_line(tmp_path):
     """The CLI steps: a GPU job without a GPU, and CUDA without gsplat, each give one ERROR line."""
     if torch.cuda.is_available():
@@ -137,19 +149,22 @@ def test_load_vae_on_missing_cuda_is_one_line(tmp_path):
         load_vae({"kind": "taef2", "source": str(tmp_path)}, tmp_path, "cuda")
 
 
+@pytest.mark.slow
 def test_cpu_path_never_imports_gsplat(tmp_path):
     """A CPU render, step resolution and the version report leave gsplat (and its CUDA parts) unimported."""
     code = """
 import json, sys, torch
 from lrf.bench import make_scene
-from lrf.gpu import select, versions
+from lrf.cli import start_step, step_parser
+from lrf.gpu import versions
 from lrf.render import rasterize
 import lrf.fit, lrf.evaluate, lrf.encode
 s = make_scene(50, 4, 16, 12, seed=0)
 out = rasterize(s["means"], s["quats"], s["scales"], s["opacities"], s["features"], s["viewmat"], s["K"], 16, 12,
                 backend="auto")
 out.image.sum().backward() if out.image.requires_grad else None
-assert select("auto", "auto") == ("cpu", torch.device("cpu"))
+step = start_step(step_parser("x", renders=True).parse_args(["--scene", "s.json", "--out", "o"]), renders=True)
+assert (step.backend, step.device) == ("cpu", torch.device("cpu"))
 v = versions()
 print(json.dumps({"gsplat_modules": sorted(m for m in sys.modules if m.startswith("gsplat")), "versions": v}))
 """

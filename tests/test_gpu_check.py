@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, lrf_env
 
 
+pytestmark = pytest.mark.slow  # the GPU check's whole pipeline, dry, on the CPU
+
 def test_gpu_check_dry_runs_the_autoencoderkl_path_end_to_end(shared_dir, tmp_path):
     out = tmp_path / "check"
     env = dict(lrf_env(shared_dir), PYTHON=sys.executable)

@@ -5,7 +5,9 @@ held-out photos: black in one, random noise in the other. Every training step (t
 field fit, stage 1, stage 3, the per-scene alignment) runs on both copies with the same seed;
 their trained weights must be bit-identical. Whatever way a held-out photo leaked in (a
 latent target, a correspondence, a crop, a rendered view, a refinement loss), the noise
-would change the weights. Held-out views may still be rendered and scored to MEASURE.
+would change the weights. Held-out views may still be rendered and scored to MEASURE. The stages run with checkpoint
+selection on (validate_every): their validation views are training views, so the choice of the
+step they ship cannot depend on a held-out photo either.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from lrf.scene.images import save_png
 from lrf.scene.model import Scene
 
 TAEF2_DIR = _shared_path() / "weights" / "taef2"
+pytestmark = pytest.mark.slow  # every trainer run twice on twin scenes
+
 HELD_OUT = (1, 5)
 
 
@@ -71,9 +75,10 @@ def _fit(scene: Scene, out: Path):
 
     vae = _vae()
     lat = encode_scene(scene, vae)  # encodes every view: held-out latents differ between the twins
-    assert not torch.equal(lat[scene.cameras[HELD_OUT[0]].name], torch.zeros(1))
+    assert set(lat) == {c.name for c in scene.cameras}  # the held-out views' latents are there to leak
+    assert float(lat[scene.cameras[HELD_OUT[0]].name].abs().max()) > 0
     targets = {i: lat[scene.cameras[i].name] for i in scene.train}
-    cfg = FieldConfig(iterations=30, refine_start=10, refine_stop=25, refine_every=10, checkpoint_every=0,
+    cfg = FieldConfig(steps=30, refine_start=10, refine_stop=25, refine_every=10, checkpoint_every=0,
                       log_every=0, background="mean", backend="cpu")
     return fit_field(scene, targets, cfg, out, progress=False), lat
 
@@ -108,36 +113,51 @@ def test_stage1_never_sees_held_out_views(twins, tmp_path, arm):
 
     extra = {} if arm == "encoder" else dict(tune_decoder=True, w_shift_avg=1.0, w_dec_equiv=1.0, w_equiv=0.5,
                                               w_out_anchor=0.5, decoder_lr=1e-4)
-    out = {}
+    out, sel = {}, {}
     for k, s in twins.items():
         m, p = mine(s)
         assert (p["split"] == "heldout").any() and (p["split"] == "train").any()
-        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, **extra)
+        cfg = Stage1Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, validate_every=2,
+                           **extra)
         vae = _vae()
-        train_stage1(vae, None, [CorrScene(s, m, p)], cfg, tmp_path / k, progress=False)
+        rep = train_stage1(vae, None, [CorrScene(s, m, p)], cfg, tmp_path / k, progress=False)
         out[k] = {**{f"encoder/{n}": v.clone() for n, v in vae.encoder.state_dict().items()},
                   **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
-    if arm == "autoencoder":  # the decoder did train
+        sel[k] = _selection(rep["validation"], s)
+    if arm == "autoencoder" and sel["black"][1] != 0:  # the decoder did train (unless step 0 was shipped)
         start = _vae().decoder.state_dict()
         assert any(not torch.equal(out["black"][f"decoder/{n}"], v) for n, v in start.items())
     _same(out["black"], out["noise"], f"stage-1 {arm}")
+    assert sel["black"] == sel["noise"]
 
 
 def test_stage3_never_sees_held_out_views(twins, fitted, tmp_path):
     from lrf.field import field_background
     from lrf.finetune.stage3 import AlignScene, Stage3Config, train_stage3
 
-    dec = {}
+    dec, sel = {}, {}
     for k, s in twins.items():
         res = fitted[k][0]
         fpath = res.out_dir / "field.safetensors"
         a = AlignScene(s, res.field, field_background(fpath, res.field.channels), fpath)
-        cfg = Stage3Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, backend="cpu")
+        cfg = Stage3Config(steps=3, batch=2, crop=64, w_lpips=0.0, checkpoint_every=0, seed=1, backend="cpu",
+                           validate_every=2)
         vae = _vae()
         rep = train_stage3(vae, None, [a], cfg, tmp_path / k, progress=False)
         assert rep["scenes"][s.key]["rendered_test"]["before"]["views"] == len(HELD_OUT)  # measured, not trained
         dec[k] = {n: v.clone() for n, v in vae.decoder.state_dict().items()}
+        sel[k] = _selection(rep["validation"], s)
     _same(dec["black"], dec["noise"], "stage-3 decoder")
+    assert sel["black"] == sel["noise"]
+
+
+def _selection(val: dict, scene: Scene) -> tuple:
+    """The chosen step and the validation rows without their timings; the views are training views."""
+    held = {scene.cameras[i].name for i in HELD_OUT}
+    views = val["views"][scene.key]
+    assert views and not held & set(views)
+    assert [r["step"] for r in val["rows"]] == [0, 2, 3]
+    return views, val["chosen_step"], [{k: v for k, v in r.items() if k != "seconds"} for r in val["rows"]]
 
 
 def test_per_scene_alignment_never_sees_held_out_views(twins, fitted, tmp_path):
@@ -145,13 +165,21 @@ def test_per_scene_alignment_never_sees_held_out_views(twins, fitted, tmp_path):
     from lrf.field import field_background
     from lrf.field import load_field
 
-    out = {}
-    for k, s in twins.items():
-        fpath = fitted[k][0].out_dir / "field.safetensors"
-        field = load_field(fpath)
-        vae = _vae()
-        cfg = AlignConfig(steps=3, crop=64, checkpoint_every=0, seed=1, backend="cpu")
-        align_scene(vae, field, s, field_background(fpath, field.channels), cfg, tmp_path / k, progress=False)
-        out[k] = {**{f"field/{n}": v for n, v in field.tensors().items()},
-                  **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
-    _same(out["black"], out["noise"], "per-scene field + decoder")
+    # crops; then whole views with the step chosen on validation views (training views only)
+    for cfg in (AlignConfig(steps=3, crop=64, checkpoint_every=0, seed=1, backend="cpu"),
+                AlignConfig(steps=3, crop=0, checkpoint_every=0, seed=1, backend="cpu", validate_every=2)):
+        out, sel = {}, {}
+        for k, s in twins.items():
+            fpath = fitted[k][0].out_dir / "field.safetensors"
+            field = load_field(fpath)
+            vae = _vae()
+            rep = align_scene(vae, field, s, field_background(fpath, field.channels), cfg, tmp_path / f"{k}{cfg.crop}",
+                              progress=False)
+            out[k] = {**{f"field/{n}": v for n, v in field.tensors().items()},
+                      **{f"decoder/{n}": v.clone() for n, v in vae.decoder.state_dict().items()}}
+            if cfg.validate_every:
+                v = rep["validation"]
+                assert not {s.cameras[i].name for i in HELD_OUT} & set(v["views"])
+                sel[k] = (v["chosen_step"], [r["score"] for r in v["rows"]])
+        _same(out["black"], out["noise"], f"per-scene field + decoder (crop {cfg.crop})")
+        assert sel.get("black") == sel.get("noise")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lrf.bench import make_scene
-from lrf.render import RenderOutput, _resolve_backend, rasterize
+from lrf.errors import InputError
+from lrf.render import RenderOutput, rasterize, resolve_backend
 from lrf.render.cpu import composite_cpu
 from lrf.render.project import project_gaussians
 from lrf.render.reference import composite_reference
@@ -171,14 +172,14 @@ def test_single_isotropic_gaussian_peak():
 
 
 def test_auto_backend_is_cpu_on_cpu_tensors():
-    assert _resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     scene = mixed_scene(200, 3, 20, 15, seed=4)
     kw = {k: scene[k] for k in ("viewmat", "K", "width", "height", "background")}
     args = [scene[k] for k in PARAMS[:5]]
     a = rasterize(*args, **kw, backend="auto")
     b = rasterize(*args, **kw, backend="cpu")
     assert torch.equal(a.image, b.image) and torch.equal(a.alpha, b.alpha)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="^backend: unknown 'nope'"):
         rasterize(*args, **kw, backend="nope")
 
 
@@ -229,11 +230,11 @@ def test_composite_functions_agree_directly():
 
 
 def test_gsplat_backend_needs_cuda_tensors():
-    """backend='gsplat' on CPU tensors: a ValueError before gsplat is imported (tests/test_gpu.py
-    covers CUDA without gsplat)."""
+    """backend='gsplat' on CPU tensors: one line from lrf.render.resolve_backend before gsplat is
+    imported (tests/test_gpu.py covers CUDA without gsplat)."""
     scene = mixed_scene(20, 3, 8, 8, seed=10)
     args = [scene[k] for k in PARAMS[:5]]
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(InputError, match="^gsplat: backend 'gsplat' renders on CUDA only"):
         rasterize(*args, scene["viewmat"], scene["K"], 8, 8, backend="gsplat")
 
 
@@ -255,3 +256,134 @@ def test_row_bands_give_identical_results():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --- fast-path specifics: exactness across layouts, both backward strategies, the
+# hand-written projection backward, degenerate scenes ---------------------------------
+
+
+def _composite_inputs(scene: dict, width: int, height: int):
+    pr = project_gaussians(scene["means"], scene["quats"], scene["scales"],
+                           scene["opacities"], scene["viewmat"], scene["K"], width, height)
+    idx = pr.visible.nonzero().squeeze(1)
+    order = idx[torch.argsort(pr.depths[idx], stable=True)]
+    return pr, order
+
+
+def _composite_with_grads(pr, scene, order, width, height, **kw):
+    inp = [t.detach().clone().requires_grad_(True)
+           for t in (pr.means2d, pr.conics, scene["opacities"], scene["features"],
+                     scene["background"])]
+    img, alpha = composite_cpu(*inp, order, width, height, **kw)
+    g = torch.Generator().manual_seed(3)
+    gi = torch.randn(img.shape, generator=g, dtype=torch.float64).to(img)
+    (img * gi).sum().backward() if alpha is None else ((img * gi).sum() + alpha.sum()).backward()
+    return [img, alpha] + [t.grad for t in inp]
+
+
+@pytest.mark.parametrize("c", [3, 16])  # both backward strategies (scatter-adds, sparse)
+def test_row_bands_many_seeds(c):
+    """Transmittance and suffix sums are exact fixed-point sums, so rendering in
+    bands of rows changes nothing: bit for bit with the sparse backward (its
+    per-Gaussian sums run in generation order), to rounding with scatter-adds
+    (they run in pixel order, which bands permute)."""
+    for seed in (21, 22, 27):
+        scene = mixed_scene(700, c, 30, 22, seed=seed)
+        pr, order = _composite_inputs(scene, 30, 22)
+        ref = _composite_with_grads(pr, scene, order, 30, 22, band_budget=1 << 22)
+        for budget in (500, 1):
+            other = _composite_with_grads(pr, scene, order, 30, 22, band_budget=budget)
+            for a, b in zip(ref, other):
+                if c > 4:
+                    assert torch.equal(a, b)
+                else:
+                    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_runs_are_bit_repeatable():
+    scene = mixed_scene(900, 32, 28, 21, seed=23, dtype=torch.float32)
+    a = render_with_grads(scene, "cpu")
+    b = render_with_grads(scene, "cpu")
+    assert torch.equal(a[0].image, b[0].image) and torch.equal(a[0].alpha, b[0].alpha)
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]), k
+
+
+def test_backward_strategies_agree(monkeypatch):
+    """Few channels use per-channel dot products and scatter-adds, many use sparse
+    kernels with a Gaussian-major CSR; both give the same gradients."""
+    import lrf.render.cpu as cpu_mod
+
+    scene = mixed_scene(800, 4, 27, 20, seed=24)
+    pr, order = _composite_inputs(scene, 27, 20)
+    few = _composite_with_grads(pr, scene, order, 27, 20)
+    monkeypatch.setattr(cpu_mod, "_FEW_CHANNELS", 0)
+    many = _composite_with_grads(pr, scene, order, 27, 20)
+    for a, b in zip(few, many):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_projection_backward_matches_autograd():
+    """The cpu backend's hand-written projection backward (means2d, conics and
+    depths cotangents) equals autograd through the same forward."""
+    from lrf.render.project import project_gaussians_fused
+
+    scene = mixed_scene(400, 3, 24, 18, seed=25)
+    g = torch.Generator().manual_seed(5)
+    cot = None
+    grads = []
+    for fn in (project_gaussians, project_gaussians_fused):
+        p = {k: scene[k].clone().requires_grad_(True) for k in ("means", "quats", "scales")}
+        pr = fn(p["means"], p["quats"], p["scales"], scene["opacities"], scene["viewmat"],
+                scene["K"], 24, 18)
+        if cot is None:
+            cot = [torch.randn(t.shape, generator=g, dtype=torch.float64)
+                   for t in (pr.means2d, pr.conics, pr.depths)]
+        ((pr.means2d * cot[0]).sum() + (pr.conics * cot[1]).sum()
+         + (pr.depths * cot[2]).sum()).backward()
+        grads.append([p[k].grad for k in ("means", "quats", "scales")] + [pr.radii])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_single_huge_splat_matches_reference():
+    """One Gaussian far larger than the image (every pixel, both backward paths)."""
+    W, H = 14, 11
+    K = torch.tensor([[12.0, 0, W / 2], [0, 12.0, H / 2], [0, 0, 1]], dtype=torch.float64)
+    for c in (2, 9):
+        scene = dict(means=torch.tensor([[0.1, -0.05, 2.0]], dtype=torch.float64),
+                     quats=torch.tensor([[0.9, 0.1, -0.2, 0.3]], dtype=torch.float64),
+                     scales=torch.tensor([[3.0, 2.0, 2.5]], dtype=torch.float64),
+                     opacities=torch.tensor([0.8], dtype=torch.float64),
+                     features=torch.randn(1, c, dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(c)),
+                     background=torch.linspace(-1, 1, c, dtype=torch.float64),
+                     viewmat=torch.eye(4, dtype=torch.float64), K=K, width=W, height=H)
+        ref, gref = render_with_grads(scene, "reference")
+        out, gout = render_with_grads(scene, "cpu")
+        assert (out.alpha > 0).all()
+        assert rel_err(out.image, ref.image) < 1e-12
+        for k in gref:
+            assert rel_err(gout[k], gref[k]) < 1e-9, k
+
+
+def test_empty_scene_and_zero_cotangents():
+    """No Gaussians at all renders the background; an all-zero cotangent gives
+    zero (not NaN) gradients."""
+    bg = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    K = torch.tensor([[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]], dtype=torch.float64)
+    empty = [torch.zeros(0, k, dtype=torch.float64, requires_grad=True) for k in (3, 4, 3)]
+    out = rasterize(*empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, 3).double(),
+                    torch.eye(4, dtype=torch.float64), K, 8, 6, background=bg, backend="cpu")
+    assert torch.equal(out.image, bg.detach().expand(6, 8, 3)) and (out.alpha == 0).all()
+    out.image.sum().backward()
+    assert torch.equal(bg.grad, torch.full((3,), 48.0, dtype=torch.float64))
+
+    scene = mixed_scene(300, 3, 16, 12, seed=26)
+    p = {k: scene[k].clone().requires_grad_(True) for k in PARAMS}
+    out = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["features"],
+                    scene["viewmat"], scene["K"], 16, 12, background=p["background"],
+                    backend="cpu")
+    (out.image * 0.0).sum().backward()
+    for k in PARAMS:
+        assert p[k].grad is not None and (p[k].grad == 0).all(), k

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import lrf_env, snakemake_cmd
 
 
@@ -24,6 +26,7 @@ def test_memwatch_sees_a_child_allocation_and_passes_the_exit_code(tmp_path):
     assert "peak tree RSS" in r.stderr
 
 
+@pytest.mark.slow
 def test_scale_preset_plans_twenty_scenes(repo_dir, tmp_path):
     sheet = [line for line in (repo_dir / "config" / "scenes_scale.tsv").read_text().splitlines()
              if line and not line.startswith("#")][1:]
@@ -40,6 +43,7 @@ def test_scale_preset_plans_twenty_scenes(repo_dir, tmp_path):
     assert counts.get("fit_field") == 20 and counts.get("evaluate") == 40, r.stdout
 
 
+@pytest.mark.slow
 def test_the_fine_tuning_chain_is_scheduled_first(repo_dir):
     """Rule priorities: SfM of the protocol scenes, stage 1, the `enc` latents and fields and
     stage 3 outrank the baselines; and no rule asks for more threads than a 2-core run's jobs

@@ -18,6 +18,8 @@ from lrf.sfm import rotation_angle_deg, run_sfm
 
 
 # --------------------------------------------------------------------------- (a) poses vs ground truth
+pytestmark = pytest.mark.slow  # SfM on real scenes
+
 def test_herz_jesu_sfm_matches_ground_truth(data_dir, tmp_path):
     gt = load_scene("strecha", data_dir / "strecha/herz-jesu-p25", "strecha", "herz-jesu-p25", "images_4")
     prepared = prepare_scene(subset(gt, gt.cameras[:10]), tmp_path / "prepared", max_side=384)

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import REPO, lrf_env, make_workflow, snakemake_cmd
 
+pytestmark = pytest.mark.slow  # pipelines through a real SLURM
+
 FERN = {"dataset": "llff", "scene": "fern", "format": "llff", "path": "llff/fern", "images": "images_8",
         "poses": "given", "max_side": 160, "max_images": 6}
 TARGET = "results/llff/fern/correspondences/summary.json"
@@ -81,25 +83,35 @@ def test_slurm_profile_runs_jobs_through_slurm(slurm, shared_dir, tmp_path):
                                       check_exact=False, rtol=1e-9)
 
 
-def test_gpu_rule_requests_a_gpu_and_fails_without_cuda(slurm, shared_dir, tmp_path):
-    """resources.fit_field.gpu = 1: the profile's sbatch call asks for the GPU (--gpus=1, SLURM's
+TINY_FIELD = {"steps": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "checkpoint_every": 0}
+
+
+@pytest.mark.parametrize("rule,target,local", [
+    # encode (no GPU, rerun) and fit_field (GPU) go through SLURM; the steps before run locally
+    ("fit_field", "results/llff/fern/fields/vanilla/field.json", "results/llff/fern/latents/taef2.safetensors"),
+    # the per-scene alignment, the longest per-scene step: its field is fitted locally first
+    ("align_scene", "results/llff/fern/align/vanilla-ps/align.json", "results/llff/fern/fields/vanilla/field.json"),
+])
+def test_gpu_rule_requests_a_gpu_and_fails_without_cuda(slurm, shared_dir, tmp_path, rule, target, local):
+    """resources.<rule>.gpu = 1: the profile's sbatch call asks for the GPU (--gpus=1, SLURM's
     TresPerJob gres:gpu:1), jobs of other rules ask for none, and the job, which finds no CUDA
-    device (CI's node has one fake GPU), fails with one ERROR line instead of fitting on the CPU."""
+    device (CI's node has one fake GPU), fails with one ERROR line instead of running on the CPU."""
     import yaml
 
-    wf = make_workflow(tmp_path / "gpu", [FERN], shared_dir)
+    wf = make_workflow(tmp_path / "gpu", [FERN], shared_dir, methods=["vanilla", "vanilla-ps"])
     shutil.copytree(REPO / "profiles", wf / "profiles")
     cfg = yaml.safe_load((wf / "config" / "config.yaml").read_text())
-    cfg["resources"]["fit_field"]["gpu"] = 1
+    key = "align" if rule == "align_scene" else rule   # the resources entry is named after the step
+    cfg["resources"].setdefault(key, {})["gpu"] = 1
+    cfg["field"]["latent"].update(TINY_FIELD)
     (wf / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    target = "results/llff/fern/fields/vanilla/field.json"
-    # the steps up to encode run locally (SLURM adds ~20 s a job); then encode (no GPU, rerun) and
-    # fit_field (GPU) go through SLURM
-    pre = subprocess.run(snakemake_cmd(wf, "--cores", "2", "results/llff/fern/latents/taef2.safetensors"), cwd=wf,
-                         env=lrf_env(shared_dir), capture_output=True, text=True, timeout=300)
+    # the steps before run locally (SLURM adds ~20 s a job); then encode (no GPU, rerun) and the GPU rule
+    # go through SLURM
+    pre = subprocess.run(snakemake_cmd(wf, "--cores", "2", local), cwd=wf, env=lrf_env(shared_dir),
+                         capture_output=True, text=True, timeout=600)
     assert pre.returncode == 0, pre.stderr[-3000:]
     p = subprocess.run(snakemake_cmd(wf, target, "--profile", "profiles/slurm", "--verbose", "--forcerun", "encode"),
-                       cwd=wf, env=lrf_env(shared_dir), capture_output=True, text=True, timeout=600)
+                       cwd=wf, env=lrf_env(shared_dir), capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode != 0, "the GPU job ran without a GPU:\n" + log[-3000:]
     calls = [ln.strip() for ln in log.splitlines() if "sbatch call:" in ln]
@@ -107,22 +119,22 @@ def test_gpu_rule_requests_a_gpu_and_fails_without_cuda(slurm, shared_dir, tmp_p
     for c in calls:
         m = re.search(r"--comment[= ]'?\"?rule_(\w+?)_wildcards", c) or re.search(r"rule_(\w+?)_wildcards", c)
         by_rule.setdefault(m.group(1) if m else "?", []).append(c)
-    assert "fit_field" in by_rule, "no fit_field submission:\n" + "\n".join(calls)
-    assert all("--gpus=1" in c for c in by_rule["fit_field"]), by_rule["fit_field"]
-    others = [c for r, cs in by_rule.items() if r != "fit_field" for c in cs]
+    assert rule in by_rule, f"no {rule} submission:\n" + "\n".join(calls)
+    assert all("--gpus=1" in c for c in by_rule[rule]), by_rule[rule]
+    others = [c for r, cs in by_rule.items() if r != rule for c in cs]
     assert "encode" in by_rule and not any("--gpus" in c for c in others), others
-    fit_call = by_rule["fit_field"][0]
-    print("sbatch call (fit_field):", re.sub(r" --wrap=.*", " --wrap=...", fit_call.split("sbatch call:", 1)[1].strip()))
+    call = by_rule[rule][0]
+    print(f"sbatch call ({rule}):", re.sub(r" --wrap=.*", " --wrap=...", call.split("sbatch call:", 1)[1].strip()))
     # the job as SLURM recorded it
-    jid = re.search(r"Job \d+ has been submitted with SLURM jobid (\d+)[^\n]*\n?", log[log.index(fit_call):])
+    jid = re.search(r"Job \d+ has been submitted with SLURM jobid (\d+)[^\n]*\n?", log[log.index(call):])
     assert jid, log[-3000:]
     info = subprocess.run(["scontrol", "show", "job", jid.group(1)], capture_output=True, text=True).stdout
     tres = re.search(r"TresPerJob=(\S+)", info)
     assert tres and tres.group(1) == "gres:gpu:1", info
     assert re.search(r"JobState=FAILED", info), info
     print(f"scontrol show job {jid.group(1)}:", re.search(r"JobState=\S+", info).group(0), tres.group(0))
-    # one ERROR line, the one a scene prints for bad input, and no field
-    step_log = wf / re.search(r"rule fit_field:.*?\n\s+log: (\S+)", log, re.S).group(1)
+    # one ERROR line, the one a scene prints for bad input, and no output
+    step_log = wf / re.search(rf"rule {rule}:.*?\n\s+log: (\S+)", log, re.S).group(1)
     errors = [ln for ln in step_log.read_text().splitlines() if ln.startswith("ERROR")]
     assert len(errors) == 1 and errors[0].startswith(
         "ERROR llff/fern: gsplat: no CUDA device is visible, but this step must run on 'cuda'"), step_log.read_text()

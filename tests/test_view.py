@@ -164,6 +164,7 @@ def test_exact_render_is_evaluates_and_live_split_is_both_methods(tree):
     assert (ab[:, 47:49] == 255).all()                                      # the divider
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tree, tmp_path):
     """A missing field, a field whose channels do not fit the VAE, a busy port: one ERROR line each."""
     from lrf.field import save_field
@@ -248,6 +249,7 @@ def view_pixels(page, path: Path) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
 
 
+@pytest.mark.slow
 def test_viewer_in_browser(viewer, page, tmp_path):
     proc, url, log = viewer
     page.goto(url)

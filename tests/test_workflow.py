@@ -72,6 +72,7 @@ def runs(shared_dir, data_dir, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_good_scene_completes_bad_scene_fails(runs):
     r = runs["real"]
     assert r.rc != 0, r.out[-3000:]  # --keep-going: the bad scene fails the run, the good one finishes
@@ -100,6 +101,7 @@ def test_good_scene_completes_bad_scene_fails(runs):
         assert not (res / "badfern" / f).exists(), f
 
 
+@pytest.mark.slow
 def test_bad_scene_error_is_one_line(runs):
     r = runs["real"]
     errors = [ln for ln in r.err.splitlines() if ln.startswith("ERROR ")]
@@ -108,6 +110,7 @@ def test_bad_scene_error_is_one_line(runs):
     assert "Traceback" not in r.err
 
 
+@pytest.mark.slow
 def test_report_marks_the_failed_scene(runs):
     """--keep-going: the good scene's metrics are in the report, the bad scene is a FAILED row
     carrying its one-line error, in metrics.csv, tables.md and report.html."""
@@ -130,6 +133,7 @@ def test_report_marks_the_failed_scene(runs):
     assert s["psnr/vae-ceiling"] == pytest.approx(psnr[0], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_after_a_failure_redoes_the_report(runs):
     """The onerror report marks the failure, but it is not the report rule's output: a rerun
     schedules the report again (and with it whatever the failed scene still lacks)."""
@@ -144,6 +148,7 @@ def test_rerun_after_a_failure_redoes_the_report(runs):
         assert "rule sfm_input:" in r.stdout  # the bad scene is tried again
 
 
+@pytest.mark.slow
 def test_logs_are_written(runs):
     logs = runs["real"].wf / "results" / "logs"
     for step in ("sfm_input", "sfm", "prepare", "correspondences"):
@@ -153,6 +158,7 @@ def test_logs_are_written(runs):
     assert f"ERROR llff/badfern: {runs['bad_image']}" in bad_log
 
 
+@pytest.mark.slow
 def test_dry_run_lists_the_rules(runs):
     r = runs["dry"]
     assert r.rc == 0, r.out[-3000:]
@@ -163,6 +169,7 @@ def test_dry_run_lists_the_rules(runs):
     assert not (r.wf / "results").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_working_resolution_change_reuses_sfm(runs):
     """One SfM per scene: a new max_side in the scene sheet reruns `prepare` and what follows,
     never SfM or its input (their params do not include the working resolution)."""
@@ -184,6 +191,7 @@ def test_working_resolution_change_reuses_sfm(runs):
     assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,expected", [
     ("unknown_key", "Additional properties are not allowed ('bogus_option' was unexpected)"),  # config.yaml
     ("space", "'my fern' does not match"),                                                     # scene sheet
@@ -211,17 +219,26 @@ def _config(repo_dir, **changes):
     return cfg
 
 
+@pytest.mark.parametrize("preset", [None, "cross-dataset.yaml", "paper.yaml"])
+def test_snakemake_lint_is_clean(repo_dir, shared_dir, preset):
+    """The workflow catalog's conventions, as Snakemake's own linter checks them: no warning."""
+    extra = ["--configfile", str(repo_dir / "config" / "presets" / preset)] if preset else []
+    r = subprocess.run(snakemake_cmd(repo_dir, "--lint", *extra), cwd=repo_dir, env=lrf_env(shared_dir),
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Lints for" not in out, out[-3000:]
+    assert "your workflow is in a good condition" in out, out[-3000:]
+
+
 def test_repository_config_and_sheet_are_valid(repo_dir):
     from snakemake.utils import validate
 
+    from lrf.scene.sheet import read_sheet
+
     validate(_config(repo_dir), str(repo_dir / "config/schemas/config.schema.yaml"))
-    sheet = pd.read_csv(repo_dir / "config/scenes.tsv", sep="\t", dtype=str, keep_default_na=False, comment="#")
-    for row in sheet.to_dict("records"):
-        row = {k: (v if v != "" else None) for k, v in row.items()}
-        for k in ("max_side", "max_images"):
-            row[k] = None if row[k] is None else int(row[k])
-        row["downscale"] = None if row["downscale"] is None else float(row["downscale"])
-        validate(row, str(repo_dir / "config/schemas/scenes.schema.yaml"))
+    rows = read_sheet(repo_dir / "config/scenes.tsv")  # the workflow's own reader
+    groups = _config(repo_dir)["groups"]
+    assert all(k in rows for g in groups.values() for k in g), "a group names a scene the sheet lacks"
 
 
 @pytest.mark.parametrize("changes,expected", [
@@ -250,16 +267,21 @@ def test_config_schema_rejects(repo_dir, changes, expected):
     ({"max_images": 2}, "2 is less than the minimum of 3"),
     ({"colour": "red"}, "Additional properties are not allowed ('colour' was unexpected)"),
 ])
-def test_sheet_schema_rejects(repo_dir, change, expected):
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
+def test_sheet_schema_rejects(tmp_path, change, expected):
+    import jsonschema
+
+    from lrf.scene.sheet import read_sheet
 
     row = {**FERN, "downscale": None, **change}
-    with pytest.raises(WorkflowError) as ei:
-        validate(row, str(repo_dir / "config/schemas/scenes.schema.yaml"))
-    assert expected in ei.value.args[0], ei.value.args[0][:500]
+    sheet = tmp_path / "scenes.tsv"
+    sheet.write_text("\t".join(row) + "\n" + "\t".join("" if v is None else str(v) for v in row.values()) + "\n")
+    with pytest.raises(jsonschema.ValidationError) as ei:
+        read_sheet(sheet)
+    msg = str(ei.value.message)
+    assert expected in msg and msg.startswith(f"{sheet}: line 2 ("), msg[:500]
 
 
+@pytest.mark.slow
 def test_report_in_a_browser(runs, page, tmp_path):
     """The real run's report.html in headless chromium: no console errors, every <img> decoded
     (non-zero natural size), every in-page link lands on an element, every relative link on a file."""

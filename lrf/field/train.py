@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.device import resolve_device
 from lrf.field.gaussians import GaussianField, init_features_from_tracks
 from lrf.field.io import save_field, save_ply
 from lrf.field.losses import ChannelNorm, DEFAULT_SSIM_RANGE, field_loss
@@ -46,12 +47,6 @@ class FitResult:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _view_at(seed: int, step: int, n: int, cache: dict) -> int:
@@ -99,7 +94,7 @@ def _build_optimizer(field: GaussianField, cfg: FieldConfig, extent: float) -> t
 
 
 def _means_lr(cfg: FieldConfig, extent: float, step: int) -> float:
-    frac = min(step / max(cfg.iterations, 1), 1.0)
+    frac = min(step / max(cfg.steps, 1), 1.0)
     return cfg.means_lr * extent * (cfg.means_lr_final / cfg.means_lr) ** frac
 
 
@@ -226,7 +221,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     settings and data. `stop_at` ends the session after that many total steps without writing
     the final field (as if killed; for chunked runs and tests).
     """
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device, scene.key, renders=True)
     tg, views = _views(scene, targets, dev)
     train_ids, C = list(tg), views[0][2].shape[0]
     norm = ChannelNorm.from_targets(tg.values()) if cfg.normalize else ChannelNorm.identity(C)
@@ -236,7 +231,7 @@ def fit_field(scene, targets: dict[int, torch.Tensor], cfg: FieldConfig, out_dir
     run = _Fit(cfg, scene_scale(scene), norm, dev)
     # TrainLoop seeds torch / numpy / python's global RNGs before init_field draws from them.
     loop = TrainLoop(f"field {scene.key}", out_dir, fp, cfg, LOG_COLUMNS, run.state, run.load, progress,
-                     steps_key="iterations", curve_file=LOG_NAME, formats=_LOG_FORMATS, mean_of=("loss",),
+                     curve_file=LOG_NAME, formats=_LOG_FORMATS, mean_of=("loss",),
                      side=lambda: {"n_gaussians": run.field.num_gaussians})
     resumed_from = loop.step if loop.resume() is not None else None
     if resumed_from is None:

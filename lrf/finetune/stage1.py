@@ -26,11 +26,6 @@ Loss per step, over B crop pairs (2B crops):
   loss  = recon + lambda_corr * corr + (w_kl * KL or w_stats * stats) + w_anchor * anchor
           + w_equiv * equiv + w_shift_avg * shift_avg + w_dec_equiv * dec_equiv + w_out_anchor * out_anchor
 
-Validation (val_views, val_every): that many of each tuning scene's TRAINING views are left out
-of training (no pair with one is sampled) and scored every val_every steps; the saved weights are
-the scored step with the best shift-averaged ceiling among those whose plain ceiling is within
-val_plain_tol dB of the start's. Held-out (`test`) views are never trained on or validated on.
-
 Sampling: a tuning scene uniformly (so a scene with many matches does not drown the others),
 then a "train" pair of it with probability proportional to its match count (`pair_sampling`
 "matches", the default: together with the pair weight in the loss, the expected loss is the
@@ -44,6 +39,14 @@ filtered to nothing) is left out of training with a WARNING line naming the scen
 matches.parquet, as long as another tuning scene has some; if none has, the run stops with one
 line, `ERROR <dataset>/<scene>: <.../matches.parquet>: <reason>` (lrf.correspondences itself
 refuses to write empty tables, so this only meets tables made elsewhere).
+
+With `validate_every` > 0 a few training views per scene (lrf.scene.model.validation_views) choose
+the autoencoder that ships (lrf.train.loop): pairs that involve one leave training; `criterion`,
+the one place that says what "best" is, scores each validated step, 0 (the pretrained weights)
+included, by the shift-averaged ceiling at the validation views (lrf.vae.shift: what a field
+averaging views at sub-cell offsets can decode), among the steps whose plain ceiling
+decode(encode(x)) there is at most `val_max_drop_db` under step 0's. The validation views' pairs'
+matched/random latent L1 ratio is recorded beside it.
 
 consistency.json, the direct measure of 3D consistency: full images encoded once, mean latent
 L1 over the correspondences of "heldout" pairs (at least one test view) and of "train" pairs,
@@ -66,6 +69,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,13 +77,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, crop_origin, image_tensor, inside, psnr_l1, sample_latents, save_module,
-                                 stage_main, tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
 from lrf.io import atomic_write_json
-from lrf.settings import Stage1Config
+from lrf.metrics import psnr_l1
 from lrf.scene.model import Scene
+from lrf.settings import DOWNSCALE, Stage1Config
+from lrf.train.loop import RNG, TrainLoop, fingerprint as loop_fingerprint
+from lrf.vae.grid import image_tensor, sample_latents, trim8
 
 CURVE_COLUMNS = ("step", "loss", "recon_l1", "lpips", "corr", "stats", "anchor", "equiv", "shift_avg", "dec_equiv",
                  "out_anchor", "seconds")
@@ -153,6 +159,23 @@ def pair_groups(cs: CorrScene, split: str):
                float(g["weight"].iloc[0]))
 
 
+def crop_origin(rng: np.random.Generator, x: float, size: int, length: int, margin: float) -> int:
+    """Random integer origin o of a crop [o, o+size) inside [0, length) such that the continuous
+    coordinate x lies in [o + margin, o + size - margin). Any integer, not only multiples of 8:
+    sub-cell offsets between the two crops of a pair are the inconsistency stage 1 removes."""
+    hi = min(length - size, math.floor(x - margin))
+    lo = max(0, math.floor(x + margin - size) + 1)
+    if lo > hi:  # the point is too near a border for the margin: best effort, centred on it
+        return int(np.clip(round(x - size / 2), 0, max(length - size, 0)))
+    return int(rng.integers(lo, hi + 1))
+
+
+def inside(xy: np.ndarray, left: int, top: int, size: int, margin: float) -> np.ndarray:
+    """Which pixels [M, 2] lie in the crop at (left, top), at least `margin` px from its edges."""
+    x, y = xy[:, 0] - left, xy[:, 1] - top
+    return (x >= margin) & (x < size - margin) & (y >= margin) & (y < size - margin)
+
+
 @dataclass
 class CropPair:
     scene: int
@@ -168,13 +191,11 @@ class CropPair:
 class PairSampler:
     """Random crop pairs around SfM correspondences of "train" pairs (see module docstring)."""
 
-    def __init__(self, scenes: list[CorrScene], cfg: Stage1Config, exclude: dict[int, list[int]] | None = None):
-        """exclude: scene index -> views left out of training (validation views): no pair with one."""
+    def __init__(self, scenes: list[CorrScene], cfg: Stage1Config):
         self.cfg, self.scenes, self.entries = cfg, scenes, []
         unused = []
         for s, cs in enumerate(scenes):
-            out = set((exclude or {}).get(s, ()))
-            groups = [g for g in pair_groups(cs, "train") if len(g[2]) and g[0] not in out and g[1] not in out]
+            groups = [g for g in pair_groups(cs, "train") if len(g[2])]
             if not groups:
                 why = "no correspondences (empty table)" if len(cs.matches) == 0 else "no correspondences in train pairs"
                 unused.append(f"{cs.key}: {cs.source or 'correspondences'}: {why}")
@@ -532,37 +553,88 @@ def overall(per_scene: dict[str, dict]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- validation
-def validation_views(scene: Scene, k: int) -> list[int]:
-    """k of the scene's TRAINING views, evenly spread and never the first or last: stage 1's
-    validation views (left out of its training; the held-out `test` views are never among them)."""
-    train = scene.train
-    if k <= 0 or not train:
-        return []
-    if k >= len(train):
-        raise InputError(f"{scene.key}: val_views {k} would leave none of its {len(train)} training views to tune on")
-    pos = np.linspace(0, len(train) - 1, k + 2)[1:-1].round().astype(int)
-    return sorted({train[int(p)] for p in pos})
+# ----------------------------------------------------------------------------- checkpoint selection
+VAL_SPLIT, EXCLUDED = "val", "excluded"   # pair splits of a scene with validation views
+
+
+def with_validation_views(cs: CorrScene, views: list[int]) -> CorrScene:
+    """The scene with `views` out of training: of its "train" pairs that involve one, those between
+    two validation views and each validation view's pair with the most matches to a training view
+    become "val" (measured), the others "excluded" (neither trained on nor measured: measuring them
+    all would encode every view at each validation)."""
+    p = cs.pairs.copy()
+    v = set(views)
+    a, b = p["image_i"].isin(v), p["image_j"].isin(v)
+    touch = (p["split"] == "train") & (a | b)
+    keep = touch & a & b
+    for i in views:
+        mine = p.index[touch & ~(a & b) & ((p["image_i"] == i) | (p["image_j"] == i))]
+        if len(mine):
+            keep[p.loc[mine, "matches"].astype(np.int64).idxmax()] = True
+    p.loc[touch, "split"] = EXCLUDED
+    p.loc[keep, "split"] = VAL_SPLIT
+    return CorrScene(cs.scene, cs.matches, p, cs.source)
+
+
+def split_for_validation(tune: list[CorrScene], cfg: Stage1Config) -> tuple[list[CorrScene], dict[str, list[int]]]:
+    """(tuning scenes with their validation views out of training, {scene key: validation views});
+    unchanged and empty when validation is off."""
+    if not cfg.validate_every:
+        return list(tune), {}
+    from lrf.scene.model import validation_views
+
+    val = {cs.key: validation_views(cs.scene, cfg.val_views) for cs in tune}
+    return [with_validation_views(cs, val[cs.key]) for cs in tune], val
 
 
 @torch.no_grad()
-def validate(vae, tune: list[CorrScene], val: dict[int, list[int]]) -> dict:
-    """Plain and shift-averaged ceilings over every tuning scene's validation views (view means)."""
+def validation_metrics(vae, tune: list[CorrScene], val: dict[str, list[int]]) -> dict:
+    """At the validation views: the plain and shift-averaged ceilings (view-pooled, lrf.vae.shift)
+    and the matched/random latent L1 ratio of their "val" pairs (match-pooled over scenes)."""
     from lrf.vae.shift import shift_ceiling
 
-    plain, shift = [], []
-    for s, ids in val.items():
-        r = shift_ceiling(vae, tune[s].scene, ids)
+    l1 = rnd = 0.0
+    n, plain, shift = 0, [], []
+    for cs in tune:
+        views = val.get(cs.key) or []
+        if not views:
+            continue
+        r = shift_ceiling(vae, cs.scene, views)
         plain += [v["plain"] for v in r["per_view"]]
         shift += [v["shift"] for v in r["per_view"]]
-    return {"plain": float(np.mean(plain)), "shift": float(np.mean(shift)), "views": len(plain)}
+        p = cs.pairs[cs.pairs["split"] == VAL_SPLIT]
+        if len(p):
+            lat = encode_views(vae, cs, sorted(set(p["image_i"].tolist()) | set(p["image_j"].tolist())))
+            c = consistency(lat, cs, VAL_SPLIT)
+            if c["matches"]:
+                l1, rnd, n = l1 + c["l1"] * c["matches"], rnd + c["l1_random"] * c["matches"], n + c["matches"]
+    return {"shift_psnr": float(np.mean(shift)), "recon_psnr": float(np.mean(plain)),
+            "ratio": l1 / rnd if rnd > 0 else None, "matches": n}
 
 
-def pick_best(history: list[dict], tol: float) -> dict:
-    """The validation row with the best shift-averaged ceiling among those whose plain ceiling is
-    within `tol` dB of the first row's (the start); the first row if none is."""
-    ok = [r for r in history if r["plain"] >= history[0]["plain"] - tol]
-    return max(ok, key=lambda r: (r["shift"], -r["step"])) if ok else history[0]
+def criterion(m: dict, ref: dict, cfg: Stage1Config) -> tuple[float, bool]:
+    """(score, eligible) of validation_metrics `m` against step 0's `ref`: the higher shift-averaged
+    ceiling, among steps whose plain ceiling is at most val_max_drop_db under the pretrained
+    autoencoder's. Stage 1's one place that says what "best" is."""
+    if not math.isfinite(m["shift_psnr"]):
+        return -math.inf, False
+    return m["shift_psnr"], m["recon_psnr"] >= ref["recon_psnr"] - cfg.val_max_drop_db
+
+
+# What `criterion` scores, for consistency.json and the report's selection figure (change with it).
+CRITERION_INFO = {"criterion": "shift-averaged ceiling at the validation views (dB, lrf.vae.shift; higher is better)",
+                  "guard": "recon_psnr >= step 0's - {drop} dB (decode(encode(x)) at the validation views)",
+                  "score_metric": "shift_psnr", "guard_metric": "recon_psnr"}
+
+
+def selection_report(loop: TrainLoop, tune: list[CorrScene], val: dict[str, list[int]]) -> dict | None:
+    """consistency.json's "validation": the views, the criterion, the chosen step and the curve."""
+    sel = loop.validation()
+    if sel is None:
+        return None
+    drop = loop.cfg.val_max_drop_db
+    return {"views": {cs.key: [cs.scene.cameras[i].name for i in val.get(cs.key, [])] for cs in tune},
+            **{k: v.format(drop=drop) for k, v in CRITERION_INFO.items()}, "max_drop_db": drop, **sel}
 
 
 # ----------------------------------------------------------------------------- training
@@ -586,37 +658,27 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     `stop_at` ends the session after that many total steps without final outputs (as if killed:
     for tests and chunked runs); then None is returned, else the consistency report.
     """
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device, "stage 1")
     enc, dec = vae.encoder, vae.decoder
     vae.requires_grad_(False)
+    tune, val = split_for_validation(tune, cfg)   # validation views' pairs leave training
     fp = fingerprint(cfg, vae, tune, spec)
     # The anchors' reference: the autoencoder as it starts (before any checkpoint is loaded).
     vae0 = copy.deepcopy(vae).eval() if (cfg.w_anchor > 0 or cfg.w_out_anchor > 0) else None
     encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
     recon0 = (lambda x: vae0.decode(vae0.encode_distribution(x)[0], clamp=False)) if vae0 is not None else None
     parts = [("encoder", enc)] + ([("decoder", dec)] if cfg.tune_decoder else [])
-    val = {s: v for s, cs in enumerate(tune) if (v := validation_views(cs.scene, cfg.val_views))}
-    sampler = PairSampler(tune, cfg, exclude=val)
+    sampler = PairSampler(tune, cfg)
     images = ImageCache(tune)
     stats: dict[str, torch.Tensor] = {}   # the starting latents' per-channel mean / std
-    best: dict[str, torch.Tensor] = {}    # val_every > 0: the weights of the best validated step
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {f"{name}/{k}": v.detach().clone() for name, m in parts for k, v in m.state_dict().items()}
 
     def state() -> dict:
         return {**{f"{name}/{k}": v for name, m in parts for k, v in m.state_dict().items()},
-                **{f"best/{k}": v for k, v in best.items()},
                 "stats/mean": stats["mean"].cpu(), "stats/std": stats["std"].cpu()}
 
-    def load_parts(tens: dict) -> None:
+    def load(tens: dict) -> None:
         for name, m in parts:
             m.load_state_dict({k[len(name) + 1:]: v for k, v in tens.items() if k.startswith(name + "/")})
-
-    def load(tens: dict) -> None:
-        load_parts(tens)
-        best.clear()
-        best.update({k[len("best/"):]: v.clone() for k, v in tens.items() if k.startswith("best/")})
         stats["mean"], stats["std"] = tens["stats/mean"], tens["stats/std"]
 
     loop = TrainLoop("stage1", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
@@ -626,15 +688,12 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     if loop.resume(opt) is None:
         before, lat_train = {}, []
-        for k, cs in enumerate(tune):
+        for cs in tune:
             before[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
-            lat_train += [lat[i] for i in cs.scene.train if i not in val.get(k, ())]
+            lat_train += [lat[i] for i in cs.scene.train if i not in val.get(cs.key, ())]
         mbefore = {cs.key: measure(vae, cs, cfg.shift_measure != "none")[0] for cs in measure_scenes}
         stats["mean"], stats["std"] = latent_stats(lat_train)
         loop.extra = {"before": before, "measure_before": mbefore}
-        if cfg.val_every > 0:
-            loop.extra["val"] = [{"step": 0, **validate(vae, tune, val)}]
-            best.update(snapshot())
     mean0, std0 = stats["mean"].to(dev), stats["std"].to(dev)
     stats["mean"], stats["std"] = mean0, std0
 
@@ -653,30 +712,22 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         opt.zero_grad(set_to_none=True)
         L["loss"].backward()
         opt.step()
-        step = loop.step + 1
-        if cfg.val_every > 0 and (step % cfg.val_every == 0 or step == loop.total):
-            hist = loop.extra["val"]
-            hist.append({"step": step, **validate(vae, tune, val)})
-            if pick_best(hist, cfg.val_plain_tol)["step"] == step:
-                best.clear()
-                best.update(snapshot())
         vals = {k: float(v.detach()) for k, v in L.items()}
         return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
-    if not loop.run(step_fn, stop_at, train=[(m, True) for _, m in parts]):
+    def validate():
+        m = validation_metrics(vae, tune, val)
+        ref = loop.extra.setdefault("val_reference", m)  # the first call: step 0, the pretrained encoder
+        return (*criterion(m, ref, cfg), m)
+
+    if not loop.run(step_fn, stop_at, train=[(m, True) for _, m in parts], validate=validate):
         return None
 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
-    validation = None
-    if cfg.val_every > 0:
-        chosen = pick_best(loop.extra["val"], cfg.val_plain_tol)
-        load_parts(best)
-        validation = {"views": {tune[s].key: [tune[s].scene.cameras[i].name for i in ids] for s, ids in val.items()},
-                      "history": loop.extra["val"], "selected_step": chosen["step"], "plain_tol": cfg.val_plain_tol}
     after, lat_train = {}, []
-    for k, cs in enumerate(tune):
+    for cs in tune:
         after[cs.key], lat = measure(vae, cs, cfg.shift_measure == "all")
-        lat_train += [lat[i] for i in cs.scene.train if i not in val.get(k, ())]
+        lat_train += [lat[i] for i in cs.scene.train if i not in val.get(cs.key, ())]
     mean1, std1 = latent_stats(lat_train)
     per_scene = {k: combine(before[k], after[k]) for k in before}
     mafter = {cs.key: combine(mbefore[cs.key], measure(vae, cs, cfg.shift_measure != "none")[0])
@@ -684,11 +735,11 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     report = {"stage": 1, "vae": spec, "config": asdict(cfg), "steps": loop.step, "seconds": loop.seconds,
               "s_per_step": loop.seconds / max(loop.step, 1),
               "tuning": per_scene, "overall": overall(per_scene),
-              "measure": mafter, "measure_overall": overall(mafter) if mafter else None, "validation": validation,
+              "measure": mafter, "measure_overall": overall(mafter) if mafter else None,
               "latent_stats": {"before": {"mean": mean0.tolist(), "std": std0.tolist()},
-                               "after": {"mean": mean1.tolist(), "std": std1.tolist()}}}
-    meta = {"stage": 1, "steps": loop.step, "vae": spec,
-            "selected_step": validation["selected_step"] if validation else loop.step}
+                               "after": {"mean": mean1.tolist(), "std": std1.tolist()}},
+              "validation": selection_report(loop, tune, val)}
+    meta = {"stage": 1, "steps": loop.step, "vae": spec, "chosen_step": loop.best_step}
     save_module(loop.out_dir / "encoder.safetensors", enc, meta)
     save_module(loop.out_dir / "decoder.safetensors", dec, {**meta, "tuned": cfg.tune_decoder})
     atomic_write_json(loop.out_dir / "consistency.json", report)
@@ -721,21 +772,34 @@ def summary_line(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _scene_list(scenes, corrs, what: str) -> list[CorrScene]:
-    scenes, corrs = scenes or [], corrs or []
-    if len(scenes) != len(corrs):
-        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(corrs)} correspondence folder(s); "
-                         "give them in pairs")
-    return [load_corr_scene(s, c) for s, c in zip(scenes, corrs)]
-
-
 def main(argv=None) -> int:
-    return stage_main(argv, __doc__.splitlines()[0], stage=1, part="encoder", paired="corr", paired_metavar="CORR_DIR",
-                      paired_help="its correspondences folder",
-                      spec_help="JSON spec: kind, source[, encoder (start point or, with --measure-only, the tuned encoder)]",
-                      config=Stage1Config, report="consistency.json", scene_list=_scene_list, train=train_stage1,
-                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes),
-                      summary_line=summary_line)
+    from lrf.cli import run_main, start_step
+    from lrf.finetune.common import paired_scenes, pretrained_and_tuned, stage_parser
+    from lrf.metrics import load_lpips
+    from lrf.vae.factory import load_vae
+
+    args = stage_parser(__doc__, "corr", "its correspondences folder", "Stage1Config").parse_args(argv)
+
+    def go():
+        step = start_step(args, who="stage 1")
+        cfg = step.config(Stage1Config)
+        measured = paired_scenes(args.measure_scene, args.measure_corr, "--measure-scene/--measure-corr",
+                                 load_corr_scene)
+        if args.measure_only:
+            if not measured:
+                raise InputError("--measure-only: give --measure-scene/--measure-corr")
+            before, after, spec = pretrained_and_tuned(step.spec, "encoder", args.out, args.weights_dir, cfg.device)
+            report = dict(measure_only(before, after, measured), vae=spec)
+            atomic_write_json(args.out / "consistency.json", report)
+            return summary_line(report)
+        tune = paired_scenes(args.scene, args.corr, "--scene/--corr", load_corr_scene)
+        if not tune:
+            raise InputError("stage 1: give at least one --scene SCENE_JSON --corr CORR_DIR")
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
+        lpips = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        return summary_line(train_stage1(vae, lpips, tune, cfg, args.out, measured, spec=step.spec))
+
+    return run_main(go)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ reads TRAINING views only (the authors also trained on the held-out views of the
 scenes; then in-domain numbers are scored on views the decoder has seen). Held-out views are
 rendered and decoded only to measure, before and after.
 
+With `validate_every` > 0 a few training views per scene (lrf.scene.model.validation_views) leave
+training and choose the decoder that ships (lrf.train.loop): the step, 0 (the pretrained
+decoder) included, whose decoded rendered latents score the best PSNR at those views, among the
+steps whose clean encode-decode PSNR there is at most `val_max_drop_db` under step 0's. The
+fields were fitted on those views too, which is fine: the decoder never saw their photos.
+
 A fraction `clean_fraction` (default 0.5) of the crops uses clean latents, encoder(photo),
 instead of rendered ones: the decoder must keep decoding clean latents (the VAE ceiling, and
 latents that come from a diffusion model rather than a field); trained on rendered latents
@@ -32,14 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrf.checkpoint import save_module, tensors_sha256
+from lrf.device import resolve_device
 from lrf.errors import InputError
-from lrf.finetune.common import (DOWNSCALE, image_tensor, latent_crop, psnr_l1, save_module, stage_main,
-                                 tensors_sha256, trim8)
-from lrf.train.loop import RNG, TrainLoop, fingerprint
 from lrf.field.io import field_background, load_field, render_at
 from lrf.io import atomic_write_json
-from lrf.settings import Stage3Config
-from lrf.scene.model import Scene
+from lrf.metrics import psnr_l1
+from lrf.scene.model import Scene, validation_views
+from lrf.settings import DOWNSCALE, Stage3Config
+from lrf.train.loop import RNG, TrainLoop, fingerprint
+from lrf.vae.grid import image_tensor, latent_crop, trim8
 
 CURVE_COLUMNS = ("step", "loss", "l1", "lpips", "clean", "seconds")
 
@@ -131,6 +139,20 @@ def measure(vae, data: ViewData, s: int, heldout_only: bool = False) -> dict:
     return out
 
 
+def validation_metrics(vae, data: ViewData, val: list[list[int]]) -> dict:
+    """View-pooled PSNR at the validation views: rendered latents (the score) and clean ones (the guard)."""
+    out = {}
+    for name, clean in (("rendered_psnr", False), ("clean_psnr", True)):
+        q = [decode_quality(vae, data, s, v, clean) for s, v in enumerate(val) if v]
+        out[name] = sum(r["psnr"] * r["views"] for r in q) / sum(r["views"] for r in q)
+    return out
+
+
+def criterion(m: dict, ref: dict, cfg: Stage3Config) -> tuple[float, bool]:
+    """(score, eligible): rendered PSNR, if clean PSNR is at most val_max_drop_db under the pretrained decoder's."""
+    return m["rendered_psnr"], m["clean_psnr"] >= ref["clean_psnr"] - cfg.val_max_drop_db
+
+
 def combine(before: dict, after: dict) -> dict:
     return {k: {"before": before[k], "after": after[k]} for k in before}
 
@@ -170,7 +192,7 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
 
     Same resume / stop_at contract as lrf.finetune.stage1.train_stage1.
     """
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device, "stage 3")
     dec = vae.decoder
     vae.requires_grad_(False)
     cells = cfg.crop // DOWNSCALE
@@ -179,13 +201,19 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
         a.field.to(dev)
     data = ViewData(list(align), vae, cfg.backend)
     mdata = ViewData(list(measure_scenes), vae, cfg.backend, test_only=True)
-    ids = [list(a.scene.train) for a in align]  # held-out photos never reach training
+    val = [validation_views(a.scene, cfg.val_views) if cfg.validate_every else [] for a in align]
+    # held-out photos never reach training; validation views only choose the step
+    ids = [[i for i in a.scene.train if i not in v] for a, v in zip(align, val)]
     if not any(ids):
         raise InputError("stage 3: no views to train on")
+    if cfg.validate_every and not any(val):
+        raise InputError("stage 3: validate_every needs a tuning scene with 2 or more training views")
+    names = lambda a, v: [a.scene.cameras[i].name for i in v]  # noqa: E731
     fp = fingerprint(cfg, vae=vae.kind if spec is None else {k: spec.get(k) for k in ("kind", "source", "encoder", "decoder")},
                      decoder0=tensors_sha256(dec.state_dict().values()),
                      encoder=tensors_sha256(vae.encoder.state_dict().values()),
-                     renders=data.digest(), views=[[a.scene.cameras[i].name for i in v] for a, v in zip(align, ids)])
+                     renders=data.digest(), views=[names(a, v) for a, v in zip(align, ids)],
+                     val=[names(a, v) for a, v in zip(align, val)])
 
     def load(tens: dict) -> None:
         dec.load_state_dict({k[len("decoder/"):]: v for k, v in tens.items() if k.startswith("decoder/")})
@@ -222,7 +250,12 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
         vals = (float(loss.detach()), float(l1.detach()), float(lp.detach()))
         return (*vals, n_clean / cfg.batch), {"loss": vals[0], "l1": vals[1], "lpips": vals[2]}
 
-    if not loop.run(step_fn, stop_at, train=[(dec, True)]):
+    def validate():
+        m = validation_metrics(vae, data, val)
+        ref = loop.extra.setdefault("val_reference", m)  # the first call: step 0, the pretrained decoder
+        return (*criterion(m, ref, cfg), m)
+
+    if not loop.run(step_fn, stop_at, train=[(dec, True)], validate=validate):
         return None
 
     before, mbefore = loop.extra["before"], loop.extra["measure_before"]
@@ -233,11 +266,25 @@ def train_stage3(vae, lpips, align: list[AlignScene], cfg: Stage3Config, out_dir
               "s_per_step": loop.seconds / max(loop.step, 1),
               "fields": {a.key: None if a.field_path is None else str(a.field_path) for a in align},
               "scenes": per_scene, "overall": overall(per_scene),
-              "measure": mper, "measure_overall": overall(mper) if mper else None}
-    save_module(loop.out_dir / "decoder.safetensors", dec, {"stage": 3, "steps": loop.step, "vae": spec})
+              "measure": mper, "measure_overall": overall(mper) if mper else None,
+              "validation": selection_report(loop, align, val)}
+    save_module(loop.out_dir / "decoder.safetensors", dec, {"stage": 3, "steps": loop.step, "vae": spec,
+                                                            "chosen_step": loop.best_step})
     atomic_write_json(loop.out_dir / "alignment.json", report)
     loop.finish(cfg.keep_checkpoint)
     return report
+
+
+def selection_report(loop: TrainLoop, align: list[AlignScene], val: list[list[int]]) -> dict | None:
+    """alignment.json's "validation": the views, the criterion, the chosen step and the curve."""
+    sel = loop.validation()
+    if sel is None:
+        return None
+    return {"views": {a.key: [a.scene.cameras[i].name for i in v] for a, v in zip(align, val)},
+            "criterion": "rendered_psnr (decoded rendered latents at the validation views, dB, higher is better)",
+            "guard": f"clean_psnr >= step 0's - {loop.cfg.val_max_drop_db} dB (clean encode-decode)",
+            "score_metric": "rendered_psnr", "guard_metric": "clean_psnr", "max_drop_db": loop.cfg.val_max_drop_db,
+            **sel}
 
 
 def measure_only(vae_before, vae_after, scenes: list[AlignScene], backend: str = "auto") -> dict:
@@ -264,21 +311,34 @@ def summary_line(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _scene_list(scenes, fields, what: str) -> list[AlignScene]:
-    scenes, fields = scenes or [], fields or []
-    if len(scenes) != len(fields):
-        raise InputError(f"{what}: {len(scenes)} scene file(s) but {len(fields)} field file(s); give them in pairs")
-    return [load_align_scene(s, f) for s, f in zip(scenes, fields)]
-
-
 def main(argv=None) -> int:
-    return stage_main(argv, __doc__.splitlines()[0], stage=3, part="decoder", paired="field", paired_metavar="FIELD",
-                      paired_help="its latent field.safetensors",
-                      spec_help="JSON spec: kind, source, encoder (stage 1)[, decoder (start point or, with "
-                                "--measure-only, the tuned decoder)]",
-                      config=Stage3Config, report="alignment.json", scene_list=_scene_list, train=train_stage3,
-                      measure_only=lambda before, after, scenes, cfg: measure_only(before, after, scenes, cfg.backend),
-                      summary_line=summary_line)
+    from lrf.cli import run_main, start_step
+    from lrf.finetune.common import paired_scenes, pretrained_and_tuned, stage_parser
+    from lrf.metrics import load_lpips
+    from lrf.vae.factory import load_vae
+
+    args = stage_parser(__doc__, "field", "its latent field.safetensors", "Stage3Config", renders=True).parse_args(argv)
+
+    def go():
+        step = start_step(args, who="stage 3", renders=True)
+        cfg = step.config(Stage3Config)
+        measured = paired_scenes(args.measure_scene, args.measure_field, "--measure-scene/--measure-field",
+                                 load_align_scene)
+        if args.measure_only:
+            if not measured:
+                raise InputError("--measure-only: give --measure-scene/--measure-field")
+            before, after, spec = pretrained_and_tuned(step.spec, "decoder", args.out, args.weights_dir, cfg.device)
+            report = dict(measure_only(before, after, measured, cfg.backend), vae=spec)
+            atomic_write_json(args.out / "alignment.json", report)
+            return summary_line(report)
+        scenes = paired_scenes(args.scene, args.field, "--scene/--field", load_align_scene)
+        if not scenes:
+            raise InputError("stage 3: give at least one --scene SCENE_JSON --field FIELD")
+        vae = load_vae(step.spec, args.weights_dir, cfg.device)
+        lpips = load_lpips(cfg.lpips_net, args.weights_dir, cfg.device) if cfg.w_lpips > 0 else None
+        return summary_line(train_stage3(vae, lpips, scenes, cfg, args.out, measured, spec=step.spec))
+
+    return run_main(go)
 
 
 if __name__ == "__main__":

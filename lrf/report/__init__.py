@@ -3,7 +3,8 @@
     python -m lrf.report --results results --config-json '{"scenes": [...], "methods": [...]}' \\
         --out results/report
 
-collect (runs, their errors, stage 1/3 JSON and curves) -> tables -> figures -> grids -> html,
+collect (runs, their errors, stage 1/3 JSON and curves) -> claims (the abstract's claims, each
+with a verdict computed from the numbers per split) and tables -> figures -> grids -> html,
 driven by build.build_report; __main__ is the command line.
 """
 from lrf.report.build import build_report, write_outputs

@@ -5,8 +5,9 @@ from pathlib import Path
 
 from lrf.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lrf.methods import METHODS
+from lrf.report.claims import check_claims, claim_numbers, claims_tables, selection_table, stage_tables
 from lrf.report.collect import before_after_rows, collect_runs, consistency_selection, discover_scenes, ordered_methods, read_curve, read_json, Run, vae_dirs
-from lrf.report.figures import figure_before_after, figure_field_curves, figure_finetune_curves, figure_metrics
+from lrf.report.figures import figure_before_after, figure_field_curves, figure_finetune_curves, figure_metrics, figure_validation
 from lrf.report.grids import grid_image
 from lrf.report.html import html_page, Report, summary_md, tables_md
 from lrf.report.tables import before_after_table, cost_tables, csv_text, diagnosis_table, failure_table, group_tables, long_rows, overall_table, scene_tables, sfm_table, summary_numbers
@@ -25,14 +26,18 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
     # stage 1 / stage 3 reports and curves
     stage_rows: dict[str, list] = {}
     curves: dict[str, object] = {}
+    chosen: dict[str, int] = {}          # summary.json: the step each stage shipped
+    consistency = None  # the configured VAE's stage 1 report, for the claims
     for vd in vdirs:
         tag = "" if len(vdirs) == 1 else f" ({vd.name})"
         c = read_json(vd / "stage1" / "consistency.json", rep.warnings)
         if c is not None:
+            if len(vdirs) == 1:
+                consistency = c
             rows = before_after_rows(c)
             stage_rows["stage1" + ("" if not tag else f"/{vd.name}")] = rows
-            rep.tables.setdefault("stage1", []).append(before_after_table(
-                f"Stage 1{tag}: latent L1 at correspondences before/after fine-tuning the encoder", rows))
+            rep.tables.setdefault("stage1", []).extend(stage_tables(c, 1, tag) or [before_after_table(
+                f"Stage 1{tag}: latent L1 at correspondences before/after fine-tuning the encoder", rows)])
             if rows and "consistency" not in rep.figures:
                 png = figure_before_after(f"Stage 1{tag}: latent consistency (lower is better)",
                                           consistency_selection(rows))
@@ -42,10 +47,11 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
         if a is not None:
             rows = before_after_rows(a)
             stage_rows["stage3" + ("" if not tag else f"/{vd.name}")] = rows
-            rep.tables.setdefault("stage3", []).append(before_after_table(
-                f"Stage 3{tag}: decoding rendered latents before/after fine-tuning the decoder", rows))
-        for st in ("stage1", "stage3"):
+            rep.tables.setdefault("stage3", []).extend(stage_tables(a, 3, tag) or [before_after_table(
+                f"Stage 3{tag}: decoding rendered latents before/after fine-tuning the decoder", rows)])
+        for st, doc in (("stage1", c), ("stage3", a)):
             curves[f"{st}{tag}"] = read_curve(vd / st / "curve.csv", rep.warnings)
+            add_selection(rep, doc, st, tag, "" if not tag else f"_{vd.name}", chosen)
     field_logs: dict[str, dict[str, object]] = {}
     for key in scenes:
         fdir = results / key / "fields"
@@ -55,7 +61,11 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
                 field_logs.setdefault(log.parent.name, {})[key] = df
 
     rep.summary = summary_numbers(runs, methods, stage_rows)
+    rep.summary.update(chosen)
     rep.tables["failures"] = [failure_table(runs)]
+    claims = check_claims(runs, scenes, methods, protocol, consistency)
+    rep.tables["claims"] = claims_tables(claims)
+    rep.summary.update(claim_numbers(claims))
     rep.tables["overall"] = [overall_table(runs, methods, rep.summary)]
     rep.tables["dataset"] = group_tables(runs, methods, "dataset")
     if any(r.split != "-" for r in runs):
@@ -95,6 +105,21 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
             rep.grid_notes[key] = "no test views or no successful photo/vanilla/full/rgb-3dgs renders"
     write_outputs(rep, out)
     return rep
+
+
+def add_selection(rep: Report, doc: dict | None, stage: str, tag: str, suffix: str, chosen: dict) -> None:
+    """A stage's checkpoint selection: its line (a one-row table) and its figure in the stage's section."""
+    t = selection_table(doc, int(stage[-1]), tag)
+    if t is None:
+        return
+    rep.tables.setdefault(stage, []).append(t)
+    sel = doc["validation"]
+    if isinstance(sel.get("chosen_step"), int):
+        chosen[f"{stage}{suffix}/chosen_step"] = sel["chosen_step"]
+    png = figure_validation(f"Stage {stage[-1]}{tag}: validation curve and the step shipped", sel)
+    if png:
+        rep.figures[f"validation_{stage}{suffix}"] = (f"Stage {stage[-1]}{tag}: checkpoint selection on validation "
+                                                     f"views ({sel.get('criterion', '')})", png)
 
 
 def write_outputs(rep: Report, out: Path) -> None:

@@ -175,3 +175,38 @@ def figure_field_curves(logs: dict[str, dict[str, object]]) -> bytes | None:
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
     return fig_bytes(fig)
+
+
+def figure_validation(title: str, sel: dict) -> bytes | None:
+    """A stage's checkpoint selection: its criterion's metric and its guard's per validated step,
+    ineligible steps as red crosses, the step shipped as a star (lrf.train.loop)."""
+    rows = [r for r in sel.get("rows") or [] if isinstance(r, dict) and "step" in r]
+    keys = [k for k in (sel.get("score_metric") or "score", sel.get("guard_metric")) if k]
+    if not rows or not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 3.4), squeeze=False)
+    chosen = sel.get("chosen_step")
+    for ax, key in zip(axes[0], keys):
+        step = np.array([r["step"] for r in rows], float)
+        y = np.array([np.nan if r.get(key) is None else r[key] for r in rows], float)
+        ok = np.array([bool(r.get("eligible")) for r in rows])
+        ax.plot(step, y, color="#2b7bba", lw=1.2)
+        ax.plot(step[ok], y[ok], "o", color="#2b7bba", ms=4, label="eligible")
+        if (~ok).any():
+            ax.plot(step[~ok], y[~ok], "x", color="#d93025", ms=7, mew=2, label="not eligible")
+        if chosen is not None and (step == chosen).any():
+            ax.plot([chosen], y[step == chosen][:1], "*", color="#188038", ms=14, label=f"shipped (step {chosen})")
+        if key == sel.get("guard_metric") and _is_finite(y[0]) and sel.get("max_drop_db") is not None:
+            ax.axhline(y[0] - float(sel["max_drop_db"]), color="#d93025", ls="--", lw=0.8, label="guard")
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig_bytes(fig)
+
+
+def _is_finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))

@@ -22,6 +22,7 @@ td.missing{background:#fff4d6;color:#8a6100}
 td.partial{background:#fff4d6}
 .failbox{border:2px solid #d93025;background:#fdecea;padding:8px 14px;border-radius:6px}
 .failbox td,.failbox th{white-space:normal;text-align:left}
+.claims td{white-space:normal;text-align:left}
 .okbox{border:2px solid #188038;background:#e6f4ea;padding:8px 14px;border-radius:6px}
 .note{color:#666;font-size:12px;margin:2px 0 10px}
 img{max-width:100%;border:1px solid #eee}
@@ -57,7 +58,7 @@ def html_page(rep: Report, title: str) -> str:
     s = rep.summary
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
-    nav = [("overall", "overall"), ("dataset", "per dataset"), ("split", "in-domain vs cross-dataset"),
+    nav = [("claims", "the paper's claims"), ("overall", "overall"), ("dataset", "per dataset"), ("split", "in-domain vs cross-dataset"),
            ("scene", "per scene"), ("diagnosis", "fit or generalisation"), ("sfm", "SfM"), ("cost", "cost"),
            ("stage1", "stage 1"), ("stage3", "stage 3"),
            ("curves", "training curves"), ("views", "test views")]
@@ -73,6 +74,10 @@ def html_page(rep: Report, title: str) -> str:
                      + table_html(rep.tables["failures"][0]) + "</div>")
     else:
         parts.append('<div class="okbox">All expected scene/method runs produced metrics.</div>')
+    if rep.tables.get("claims"):
+        verdicts, per_scene = rep.tables["claims"]
+        parts.append("<h2 id='claims'>The paper's claims</h2><div class='claims'>" + table_html(verdicts)
+                     + f"<details><summary>per scene</summary>{table_html(per_scene)}</details></div>")
     parts.append("<h2 id='overall'>Overall</h2>" + table_html(rep.tables["overall"][0]))
     sections = [("Per dataset (mean ± std over scenes)", "dataset"), ("In-domain vs cross-dataset", "split"),
                 ("Per scene", "scene"), ("Fit or generalisation", "diagnosis"), ("Structure from motion", "sfm"),
@@ -90,11 +95,13 @@ def html_page(rep: Report, title: str) -> str:
         parts.append("<p class='note'>No stage 1 consistency.json found.</p>")
     if "consistency" in rep.figures:
         parts.append(_fig_html(*rep.figures["consistency"]))
+    parts += [_fig_html(*f) for n, f in rep.figures.items() if n.startswith("validation_stage1")]
     parts.append("<h2 id='stage3'>Stage 3: VAE–RF alignment</h2>")
     if "stage3" in rep.tables:
         parts.append("".join(table_html(t) for t in rep.tables["stage3"]))
     else:
         parts.append("<p class='note'>No stage 3 alignment.json found.</p>")
+    parts += [_fig_html(*f) for n, f in rep.figures.items() if n.startswith("validation_stage3")]
     parts.append("<h2 id='curves'>Training curves</h2>")
     curves = [n for n in ("curves_finetune", "curves_fields") if n in rep.figures]
     parts += [_fig_html(*rep.figures[n]) for n in curves] or ["<p class='note'>No training logs found.</p>"]
@@ -132,7 +139,7 @@ def _fig_html(caption: str, png: bytes) -> str:
 
 def tables_md(rep: Report) -> str:
     out = ["# lrf: tables", ""]
-    for name, key in (("Failures", "failures"), ("Overall", "overall"), ("Per dataset", "dataset"), ("In-domain vs cross-dataset", "split"),
+    for name, key in (("Failures", "failures"), ("The paper's claims", "claims"), ("Overall", "overall"), ("Per dataset", "dataset"), ("In-domain vs cross-dataset", "split"),
                       ("Per scene", "scene"), ("Fit or generalisation", "diagnosis"), ("Structure from motion", "sfm"),
                       ("Cost", "cost"), ("Stage 1: latent consistency", "stage1"),
                       ("Stage 3: alignment", "stage3")):
@@ -150,6 +157,8 @@ def summary_md(rep: Report, fig_files: dict[str, str], grid_files: dict[str, str
            "numbers: [metrics.csv](metrics.csv), [summary.json](summary.json)", ""]
     if rep.tables["failures"][0].rows:
         out += [table_md(rep.tables["failures"][0])]
+    if rep.tables.get("claims"):
+        out += [table_md(rep.tables["claims"][0])]
     for key in ("overall", "dataset", "split"):
         out += [table_md(t) for t in rep.tables.get(key) or []]
     out += [table_md(t) for t in (rep.tables.get("scene") or [])[:1]]

@@ -19,7 +19,7 @@ from lrf.scene.model import Camera, Points, Scene, SceneError, every_nth_split
 log = logging.getLogger("lrf.scene")
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
-FORMATS = ("colmap", "llff", "nerf", "strecha", "images")
+FORMATS = ("colmap", "llff", "nerf", "strecha", "middlebury", "images")
 # COLMAP camera models we can undistort or use as they are.
 SUPPORTED_MODELS = {"SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"}
 
@@ -208,6 +208,128 @@ def load_strecha(root: Path, dataset: str, name: str, images: str | None = None)
     return Scene(dataset, name, cams, None, root, {"format": "strecha", "ground_truth": True})
 
 
+# --------------------------------------------------------------------------- Middlebury
+# Middlebury's K puts the centre of the top-left pixel at (0, 0); ours puts it at (0.5, 0.5).
+MIDDLEBURY_PIXEL_OFFSET = 0.5
+_PAR_FIELDS = 1 + 9 + 9 + 3
+
+
+def find_par_file(root: Path, key: str) -> Path:
+    """The one `*_par.txt` of a Middlebury scene folder (its name carries the scene's prefix)."""
+    found = sorted(p for p in root.glob("*_par.txt") if p.is_file())
+    if not found:
+        raise SceneError(key, root / "*_par.txt", "camera file is missing (no *_par.txt)")
+    if len(found) > 1:
+        raise SceneError(key, root, f"several camera files: {', '.join(p.name for p in found)}")
+    return found[0]
+
+
+def read_middlebury_par(path: Path, key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{image name: (K, R, t)} from `*_par.txt`: a count line, then `name k11..k33 r11..r33 t1 t2 t3`."""
+    try:
+        lines = [(n, ln.split()) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SceneError(key, path, f"cannot read ({type(e).__name__})") from None
+    if not lines:
+        raise SceneError(key, path, "camera file is empty")
+    count = None
+    if len(lines[0][1]) == 1:  # the header: how many lines follow
+        n, (tok,) = lines.pop(0)
+        if not tok.isdigit():
+            raise SceneError(key, path, f"line {n}: expected the number of cameras, got {tok!r}")
+        count = int(tok)
+    cams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for n, toks in lines:
+        if len(toks) != _PAR_FIELDS:
+            raise SceneError(key, path, f"line {n}: {len(toks)} fields, expected {_PAR_FIELDS} "
+                                        "(name, K row-major, R row-major, t)")
+        try:
+            v = np.array([float(x) for x in toks[1:]])
+        except ValueError:
+            bad = next(x for x in toks[1:] if not _is_float(x))
+            raise SceneError(key, path, f"line {n}: not a number: {bad!r}") from None
+        K, R, t = v[:9].reshape(3, 3), v[9:18].reshape(3, 3), v[18:]
+        if not np.all(np.isfinite(v)):
+            raise SceneError(key, path, f"line {n}: non-finite value")
+        if K[1, 0] or K[2, 0] or K[2, 1] or K[2, 2] != 1 or K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise SceneError(key, path, f"line {n}: K is not an upper-triangular intrinsic matrix")
+        if np.abs(R @ R.T - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
+            raise SceneError(key, path, f"line {n}: R is not a rotation (R R^T != I or det < 0)")
+        if toks[0] in cams:
+            raise SceneError(key, path, f"line {n}: {toks[0]} listed twice")
+        cams[toks[0]] = (K, R, t)
+    if count is not None and count != len(cams):
+        raise SceneError(key, path, f"header says {count} cameras, {len(cams)} lines follow")
+    if not cams:
+        raise SceneError(key, path, "lists no cameras")
+    return cams
+
+
+def _same_camera(a, b, tol: float = 1e-6) -> bool:
+    return all(np.allclose(x, y, rtol=0, atol=tol) for x, y in zip(a, b))
+
+
+def _is_float(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
+
+
+def load_middlebury(root: Path, dataset: str, name: str, images: str | None = None) -> Scene:
+    """Middlebury multi-view stereo (`*_par.txt`): x ~ K [R | t] X, R world-to-camera, OpenCV axes.
+
+    The images sit beside the par file (or in `images`; `images_N` = 1/N). Views rotated 180
+    degrees in the image plane need nothing: their R says so.
+
+    Pixel centres: the file's K puts them at integers, so the loader adds +0.5 to the principal
+    point (MIDDLEBURY_PIXEL_OFFSET). Measured on templeSparseRing, 16 views at 640x480: SIFT
+    features (centres at +0.5) triangulated with the file's poses give a mean reprojection error
+    of 0.49 / 0.36 / 0.30 / 0.34 px with -0.5 / 0 / +0.5 / +1 added; the least-squares shared
+    offset is (+0.24, +1.16) px, so the calibration's own principal point is off by about
+    (-0.26, +0.66) px after the +0.5 (the same fit on Blender-rendered lego finds (0.01, -0.05)).
+    test_middlebury_pixel_centres in tests/test_loaders_geometry.py repeats the comparison.
+
+    A line with the same camera as an earlier one (templeSR0011 = templeSR0001: longitude 180 and
+    -180) is a second photo of one viewpoint: it is skipped with a warning, so that no held-out
+    view has a training twin.
+    """
+    key = f"{dataset}/{name}"
+    par = find_par_file(root, key)
+    table = read_middlebury_par(par, key)
+    img_dir = root / images if images else root
+    present = {p.name: p for p in list_images(img_dir, key)}
+    for nm in table:
+        if nm not in present:
+            raise SceneError(key, img_dir / nm, f"image listed in {par.name} is missing")
+    extra = sorted(set(present) - set(table))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise SceneError(key, present[extra[0]], f"image has no line in {par.name}{more}")
+    kept: list[str] = []
+    for nm in sorted(table):
+        twin = next((k for k in kept if _same_camera(table[k], table[nm])), None)
+        if twin is None:
+            kept.append(nm)
+        else:
+            log.warning("%s: %s: %s has the same camera as %s (one viewpoint photographed twice), skipped",
+                        key, par, nm, twin)
+    files = [present[nm] for nm in kept]
+    W, H = check_same_size(key, files)
+    s = 1.0 / _factor(img_dir.name)
+    split = every_nth_split([p.name for p in files])
+    cams = []
+    for p in files:
+        K, R, t = table[p.name]
+        K = K.copy()
+        K[:2, 2] += MIDDLEBURY_PIXEL_OFFSET
+        w2c = np.eye(4)
+        w2c[:3, :3], w2c[:3, 3] = R, t
+        cams.append(Camera(p.name, str(p), W, H, np.diag([s, s, 1.0]) @ K, w2c, split[p.name]))
+    return Scene(dataset, name, cams, None, root, {"format": "middlebury", "par_file": par.name})
+
+
 # --------------------------------------------------------------------------- COLMAP
 def camera_from_colmap(cam, key: str, where: Path) -> tuple[np.ndarray, tuple[str, list[float]] | None]:
     """(K, distortion or None) from a pycolmap.Camera."""
@@ -300,8 +422,8 @@ def load_images(root: Path, dataset: str, name: str, images: str | None = None) 
     return Scene(dataset, name, cams, None, root, {"format": "images", "poses_unknown": True})
 
 
-LOADERS = {"llff": load_llff, "nerf": load_nerf, "strecha": load_strecha, "colmap": load_colmap,
-           "images": load_images}
+LOADERS = {"llff": load_llff, "nerf": load_nerf, "strecha": load_strecha, "middlebury": load_middlebury,
+           "colmap": load_colmap, "images": load_images}
 
 
 def load_scene(fmt: str, root: str | Path, dataset: str, name: str, images: str | None = None) -> Scene:

@@ -180,3 +180,13 @@ class Scene:
 def every_nth_split(names: list[str], n: int = 8) -> dict[str, str]:
     """The LLFF/Mip-NeRF 360 protocol: every n-th image by sorted file name is a test view."""
     return {name: ("test" if k % n == 0 else "train") for k, name in enumerate(sorted(names))}
+
+
+def validation_views(scene: Scene, most: int, every: int = 8) -> list[int]:
+    """Training views a fine-tuning stage holds back to choose its checkpoint on (it trains on the
+    rest): one per `every` training views, at least 1 and at most `most`, spread evenly over the
+    training views in scene order, each from the middle of its stretch; never all of them. Held-out
+    views are never among them (they stay out of everything)."""
+    train = scene.train
+    n = min(max(len(train) // every, 1), most, len(train) - 1)
+    return [train[int((k + 0.5) * len(train) / n)] for k in range(max(n, 0))]

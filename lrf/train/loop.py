@@ -19,8 +19,15 @@ checkpoint removed. A trainer plugs in a step function and its state:
 `step_fn(rng)` does one optimisation step and returns (the curve row's values between `step` and
 `seconds`, the values shown in the progress line).
 
-The field fit uses the same loop with three twists, each a keyword of TrainLoop: its length is
-`cfg.iterations` (`steps_key`); its optimizer is rebuilt from the checkpoint, since densification
+Checkpoint selection (stages 1 and 3): `loop.run(..., validate=fn)` with cfg.validate_every > 0
+calls `fn()` -> (score, eligible, metrics) at step 0, every validate_every steps and at the end,
+writes val.csv (step, score, eligible, the metrics, seconds), keeps a copy of state() at the best
+eligible score (higher is better; a later step must beat it strictly, so ties keep the earlier,
+step 0 first) and, once the run is complete, load()s it back before the trainer writes its
+outputs. The copy and the rows are in the checkpoint, so a resumed run chooses as an
+uninterrupted one would. `fn` must not draw random numbers (or must restore what it draws).
+
+The field fit uses the same loop with two twists, each a keyword of TrainLoop: its optimizer is rebuilt from the checkpoint, since densification
 changes the parameters' shapes (`resume()` without an optimizer: `state`/`load` carry Adam's state,
 with `optimizer_tensors(opt, named=True)`); and it logs a row every `log_every` steps with the mean
 loss since the last row (`mean_of`), summed on the device so a step need not wait for the GPU.
@@ -31,6 +38,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import random
 import sys
 import time
@@ -159,6 +167,18 @@ def write_curve(path: str | Path, columns: Sequence[str], rows: Sequence[Sequenc
     atomic_write_text(path, buf.getvalue())
 
 
+def write_val(path: str | Path, rows: Sequence[dict]) -> None:
+    """val.csv: one row per validation; `eligible` as 0/1, a missing value empty."""
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["step", "score", "eligible"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else int(r[c]) if c in ("step", "eligible") else format(r[c], ".6g")
+                    for c in cols])
+    atomic_write_text(path, buf.getvalue())
+
+
 def rows_tensor(rows: Sequence[Sequence[float]], ncol: int) -> torch.Tensor:
     return torch.tensor([list(map(float, r)) for r in rows], dtype=torch.float64).reshape(-1, ncol)
 
@@ -238,7 +258,6 @@ class TrainLoop:
     """See the module docstring. `state()` returns the trainer's tensors to checkpoint (its
     modules' weights and anything else it must restore); `load(tensors)` puts them back.
 
-    steps_key: the config's attribute holding the run's length ("steps"; the field's "iterations").
     curve_file, formats: the curve CSV's name and its columns' formats (write_curve).
     mean_of: columns averaged over the steps since the previous row; when given, a row is written
       only every cfg.log_every steps (and at the end) and the progress shows the rows.
@@ -247,19 +266,23 @@ class TrainLoop:
 
     def __init__(self, name: str, out_dir: str | Path, fp: dict, cfg, columns: Sequence[str],
                  state: Callable[[], dict[str, torch.Tensor]], load: Callable[[dict], None],
-                 progress: bool = True, *, steps_key: str = "steps", curve_file: str = "curve.csv",
+                 progress: bool = True, *, curve_file: str = "curve.csv",
                  formats: dict[str, str] | None = None, mean_of: Sequence[str] = (),
                  side: Callable[[], dict] | None = None):
         self.name, self.out_dir, self.fp, self.cfg, self.columns = name, Path(out_dir), fp, cfg, tuple(columns)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state, self.load, self.progress = state, load, progress
-        self.total = int(getattr(cfg, steps_key))
+        self.total = int(cfg.steps)  # every trainer's config names its length `steps`
         self.curve_file, self.formats, self.side = curve_file, formats, side
         self.window = Window(self.columns[1:-1], mean_of) if mean_of else None
         self.rng = RNG(cfg.seed)
         self.step, self.seconds, self.rows = 0, 0.0, []
         self.extra: dict = {}          # JSON state of the trainer kept in the checkpoint ("before" numbers)
         self.opt: torch.optim.Optimizer | None = None
+        self.val_rows: list[dict] = []  # one per validation (run(validate=...))
+        self.best_step: int | None = None
+        self.best_score = -math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def resume(self, opt: torch.optim.Optimizer | None = None) -> dict | None:
         """Restore the last valid checkpoint written with this fingerprint; None: start afresh.
@@ -277,8 +300,13 @@ class TrainLoop:
         self.step, self.seconds = meta["step"], meta["seconds"]
         if self.window is not None:
             self.window.restore(tens["window"], meta["window"])
-        self.extra = {k: v for k, v in meta.items() if k not in ("fingerprint", "step", "seconds", "rng", "window")}
+        self.extra = {k: v for k, v in meta.items() if k not in ("fingerprint", "step", "seconds", "rng", "window", "val")}
         self.rows = [tuple(r) for r in tens["curve"].tolist()]
+        if "val" in meta:
+            self.val_rows, self.best_step = meta["val"]["rows"], meta["val"]["best_step"]
+            self.best_score = meta["val"]["best_score"]
+            best = {k[len("best/"):]: v for k, v in tens.items() if k.startswith("best/")}
+            self.best_state = best if self.best_step is not None else None
         if self.progress:
             say(f"[{self.name}] resuming from step {self.step}")
         return meta
@@ -293,24 +321,59 @@ class TrainLoop:
         meta = {"fingerprint": self.fp, "step": self.step, "seconds": self.seconds, "rng": rm, **self.extra}
         if self.window is not None:
             t["window"], meta["window"] = self.window.state(), self.window.count
+        if self.val_rows:
+            meta["val"] = {"rows": self.val_rows, "best_step": self.best_step, "best_score": self.best_score}
+            t.update({f"best/{k}": v for k, v in (self.best_state or {}).items()})
         save_checkpoint(self.out_dir, t, meta, side=self.side() if self.side else None)
         self.write_curve()
 
     def write_curve(self) -> None:
         write_curve(self.out_dir / self.curve_file, self.columns, self.rows, self.formats)
+        if self.val_rows:
+            write_val(self.out_dir / "val.csv", self.val_rows)
 
-    def run(self, step_fn: Callable, stop_at: int | None = None, train: Sequence[tuple] = ()) -> bool:
+    def validate(self, fn: Callable) -> None:
+        """One validation of the current weights: a row, and a copy of state() if it is the best
+        eligible one so far."""
+        t = Timer()
+        score, eligible, metrics = fn()
+        score, eligible = float(score), bool(eligible)
+        better = eligible and score > self.best_score
+        if better:
+            self.best_step, self.best_score = self.step, score
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.state().items()}
+        self.val_rows.append({"step": self.step, "score": score, "eligible": eligible, **metrics, "seconds": t()})
+        if self.progress:
+            say(f"[{self.name}] validation at step {self.step}: score {score:.4g}"
+                f"{'' if eligible else ' (not eligible)'}; best step {self.best_step} ({t():.1f}s)")
+
+    def validation(self) -> dict | None:
+        """The selection for the trainer's report: the chosen step and every validation row (a
+        score or metric that is not finite as null: the report stays plain JSON)."""
+        if not self.val_rows:
+            return None
+        plain = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+        return {"every": int(self.cfg.validate_every), "chosen_step": self.best_step,
+                "best_score": plain(self.best_score), "seconds": sum(r["seconds"] for r in self.val_rows),
+                "rows": [{k: plain(v) for k, v in r.items()} for r in self.val_rows]}
+
+    def run(self, step_fn: Callable, stop_at: int | None = None, train: Sequence[tuple] = (),
+            validate: Callable | None = None) -> bool:
         """Steps until the run's length (or `stop_at`), checkpointing every cfg.checkpoint_every;
         the modules in `train` get requires_grad (module, flag) for the run and lose it after.
-        True when the run is complete."""
+        With `validate` (and cfg.validate_every > 0) the best eligible state is chosen (module
+        docstring) and is the state when a complete run returns. True when the run is complete."""
         cfg, total = self.cfg, self.total
         end = total if stop_at is None else min(stop_at, total)
         bar = Progress(self.name, total, self.step, cfg.log_every, self.progress)
         every = max(int(cfg.log_every), 1)
+        val_every = int(getattr(cfg, "validate_every", 0)) if validate is not None else 0
         for module, flag in train:
             module.requires_grad_(flag)
         try:
             with deterministic():
+                if val_every and not self.val_rows:
+                    self.validate(validate)         # step 0: the starting weights are a candidate
                 while self.step < end:
                     t = Timer()
                     values, shown = step_fn(self.rng)
@@ -326,13 +389,22 @@ class TrainLoop:
                             self.rows.append((self.step, *values, self.seconds))
                             shown = dict(zip(self.columns[1:-1], values))
                     bar.update(self.step, shown, self.seconds)
+                    if val_every and (self.step % val_every == 0 or self.step == total):
+                        self.validate(validate)
                     if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.step < total:
                         self.checkpoint()
         finally:
             bar.close()
             for module, _ in train:
                 module.requires_grad_(False)
-        return self.step >= total
+        if self.step < total:
+            return False
+        if val_every:
+            if self.best_step is None:
+                say(f"[{self.name}] WARNING: no validated step was eligible; keeping the last weights")
+            elif self.best_step != self.step:
+                self.load(self.best_state)
+        return True
 
     def finish(self, keep_checkpoint: bool = False) -> None:
         """After the trainer's outputs are written (atomically): the final curve, then the

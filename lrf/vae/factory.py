@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lrf.device import resolve_device
 from lrf.errors import WeightsError
 from lrf.vae.base import DIFFUSERS_KINDS, KINDS, TAESD_KINDS, Autoencoder
 from lrf.vae.diffusers_backend import DiffusersAutoencoder
@@ -44,11 +45,10 @@ def resolve_source(source: str, weights_dir: str | Path) -> str:
 
 
 def load_vae(spec: dict, weights_dir: str | Path, device: str = "cpu"):
-    """Build the autoencoder; swap in fine-tuned encoder/decoder weights (safetensors) if given."""
-    if str(device).startswith("cuda"):  # a GPU step without a GPU: one line, not a traceback or a CPU run
-        from lrf.gpu import select
+    """Build the autoencoder; swap in fine-tuned encoder/decoder weights (safetensors) if given.
 
-        select("cpu", str(device), who=f"vae {spec['kind']}", renders=False)
+    A GPU step without a GPU stops here with one line, not a traceback or a CPU run."""
+    device = resolve_device(device, who=f"vae {spec['kind']}")
     vae = build_autoencoder(spec["kind"], resolve_source(spec["source"], weights_dir), device=device)
     for part in ("encoder", "decoder"):
         path = spec.get(part)

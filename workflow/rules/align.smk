@@ -13,7 +13,8 @@ rule align_scene:
     params:
         vae=lambda wc: method_vae_spec(base_of(wc)),
         weights=WEIGHTS_DIR,
-        cfg=lambda wc: json.dumps(config.get("align") or {}),
+        cfg=lambda wc: overrides("align"),
+        device=device_flags("align"),
         seed=config["seed"],
         out=lambda wc, output: Path(output.field).parent,
     wildcard_constraints:
@@ -22,12 +23,10 @@ rule align_scene:
         CONDA_ENV
     log:
         "results/logs/align/{dataset}/{scene}/{method}.log",
-    threads: res("align", "threads", 1)
+    threads: res("align", "threads")
     resources:
-        mem_mb=res("align", "mem_mb", 6000),
-        runtime=res("align", "runtime", 120),
-        **gpu_resources("align"),
+        **resources_of("align"),
     shell:
-        logged("{PY} lrf.align --scene {input.scene} --field {input.field} --vae {params.vae:q} "
-               "--weights-dir {params.weights:q} --cfg {params.cfg:q} --seed {params.seed} --threads {threads} "
+        logged("python -m lrf.align --scene {input.scene} --field {input.field} --vae {params.vae:q} "
+               "--weights-dir {params.weights:q} --cfg {params.cfg:q} --seed {params.seed} {params.device} --threads {threads} "
                "--out {params.out}")

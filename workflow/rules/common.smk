@@ -1,16 +1,19 @@
-# Shared helpers: config validation, the scene sheet, paths, and the shell wrapper.
+# Shared helpers: config validation, the scene sheet, paths, resources, and the shell wrapper.
+# Every function a rule calls lives here, so the rule files hold rules only.
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import pandas as pd
 from snakemake.utils import validate
 
 validate(config, "../../config/schemas/config.schema.yaml")
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 from lrf.methods import METHODS, field_name, latent_variant, per_scene  # noqa: E402
+from lrf.scene.sheet import read_sheet, split_key  # noqa: E402  (the tests read the sheet with it too)
 from lrf.settings import check_config  # noqa: E402  (torch-free)
 
 # Every override (field.latent, field.rgb, stage1, stage3, align) against its dataclass, names and
@@ -20,33 +23,8 @@ check_config(config)
 SHARED = Path(os.environ.get("LRF_SHARED", config["shared_dir"]))
 DATA_DIR = Path(os.environ.get("LRF_DATA_DIR") or config.get("data_dir") or SHARED / "data")
 WEIGHTS_DIR = Path(os.environ.get("LRF_WEIGHTS_DIR") or config.get("weights_dir") or SHARED / "weights")
-PY = "python -m"
 
-# Names reach file paths and shell commands: only safe characters (the schemas enforce it too).
-wildcard_constraints:
-    dataset="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    scene="[A-Za-z0-9][A-Za-z0-9_.-]*",
-
-
-def _read_sheet(path):
-    sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
-    rows = {}
-    for rec in sheet.to_dict("records"):
-        row = {k: (v if v != "" else None) for k, v in rec.items()}
-        for k in ("max_side", "max_images"):
-            if row.get(k) is not None:
-                row[k] = int(row[k])
-        if row.get("downscale") is not None:
-            row["downscale"] = float(row["downscale"])
-        validate(row, "../../config/schemas/scenes.schema.yaml")
-        key = f"{row['dataset']}/{row['scene']}"
-        if key in rows:
-            raise ValueError(f"{path}: scene {key} is listed twice")
-        rows[key] = row
-    return rows
-
-
-SCENES = _read_sheet(config["scenes"])
+SCENES = read_sheet(config["scenes"])
 
 
 def selected_scenes():
@@ -77,7 +55,7 @@ def protocol_priority(wc):
 
 def _check_protocol():
     for which in ("tune", "eval"):
-        missing = [k for k in (config.get("protocol") or {}).get(which) or [] if k not in SCENES]
+        missing = [k for k in protocol(which) if k not in SCENES]
         if missing:
             raise ValueError(f"config protocol.{which}: {', '.join(missing)} not in {config['scenes']}")
 
@@ -87,7 +65,7 @@ _check_protocol()
 
 def expand_scenes(pattern, keys=None, **kw):
     keys = selected_scenes() if keys is None else keys
-    return [pattern.format(dataset=k.split("/")[0], scene=k.split("/")[1], **kw) for k in keys]
+    return [pattern.format(dataset=split_key(k)[0], scene=split_key(k)[1], **kw) for k in keys]
 
 
 def row(wc):
@@ -100,10 +78,8 @@ def opt(flag, value):
 
 def logged(cmd):
     """Run cmd with all its output in {log}; on failure repeat its one-line ERROR to the terminal."""
-    return (cmd + " > {log} 2>&1 || {{ status=$?; grep -h '^ERROR' {log} >&2 || tail -n 5 {log} >&2; exit $status; }}")
+    return f"{cmd} > {{log}} 2>&1 || {{{{ status=$?; grep -h '^ERROR' {{log}} >&2 || tail -n 5 {{log}} >&2; exit $status; }}}}"
 
-
-import re as _re  # noqa: E402
 
 VAE = config["vae"]
 TUNED_ENCODER = f"results/vae/{VAE['name']}/stage1/encoder.safetensors"
@@ -123,7 +99,7 @@ def vae_spec(encoder=False, decoder=False):
 
 def method_regex(methods):
     """A wildcard constraint matching exactly these method names (they may hold '+' or '.')."""
-    return "|".join(_re.escape(m) for m in methods)
+    return "|".join(re.escape(m) for m in methods)
 
 
 # The fields fit_field makes: every field a method starts from (lrf.methods.field_name).
@@ -152,8 +128,6 @@ def method_vae_files(wc):
 
 def base_of(wc):
     """The wildcards of a per-scene method's starting point (its `base` method)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(dataset=wc.dataset, scene=wc.scene, method=METHODS[wc.method]["base"])
 
 
@@ -161,31 +135,80 @@ def method_vae_spec(wc):
     return vae_spec(METHODS[wc.method].get("encoder") == "tuned", method_decoder(wc) or False)
 
 
-def res(rule_name, key, default):
-    return config.get("resources", {}).get(rule_name, {}).get(key, default)
+def field_targets(wc):
+    """The latent cache a field is fitted to (none for the RGB field)."""
+    if wc.field == "rgb-3dgs":
+        return []
+    return [f"results/{wc.dataset}/{wc.scene}/latents/{latent_variant(VAE['name'], wc.field)}.safetensors"]
 
 
-def gpu_resources(rule_name):
-    n = res(rule_name, "gpu", 0)
-    return {"gpu": n} if n else {}  # the SLURM executor turns this into --gpus
+def eval_inputs(wc):
+    ins = {"scene": f"results/{wc.dataset}/{wc.scene}/prepared/scene.json", "vae": method_vae_files(wc)}
+    if METHODS[wc.method]["kind"] != "ceiling":
+        ins["field"] = method_field(wc)
+    return ins
 
 
-# Rasterizer for the steps that render (lrf.gpu): auto = gsplat on CUDA, our rasterizer on the CPU.
+# ----------------------------------------------------------------------------- resources
+# Every rule's threads, mem_mb, runtime and gpu come from config.yaml's `resources:`: the rule's
+# own entry, else `resources.default`. gpu > 0 adds a GPU request (the SLURM executor's --gpus)
+# and makes the step run on CUDA or fail with one ERROR line.
+def res(rule_name, key):
+    table = config["resources"]
+    return table.get(rule_name, {}).get(key, table["default"][key])
+
+
+def resources_of(rule_name):
+    out = {"mem_mb": res(rule_name, "mem_mb"), "runtime": res(rule_name, "runtime")}
+    if res(rule_name, "gpu"):
+        out["gpu"] = res(rule_name, "gpu")
+    return out
+
+
+# Where a step computes (lrf.device) and which rasteriser renders (lrf.render), passed the same
+# way to every step that trains or renders: `--device cuda` where its rule requests a GPU (no
+# GPU: the step fails with one ERROR line rather than run on the CPU), else `auto`.
 BACKEND = config.get("backend", "auto")
 
 
-def device_of(rule_name):
-    """--device for a step: `cuda` where the rule requests a GPU (no GPU: the step fails with one
-    ERROR line rather than run on the CPU), else `auto` (CUDA when one is visible)."""
-    return "cuda" if res(rule_name, "gpu", 0) else "auto"
+def device_flags(rule_name, renders=True):
+    flags = f"--device {'cuda' if res(rule_name, 'gpu') else 'auto'}"
+    return f"{flags} --backend {BACKEND}" if renders else flags
 
 
-def stage_cfg(rule_name):
-    """stage1/stage3 overrides; a GPU request makes the stage run on CUDA (or fail without it)."""
-    cfg = dict(config.get(rule_name) or {})
-    if res(rule_name, "gpu", 0):
-        cfg["device"] = "cuda"
-    return json.dumps(cfg)
+def overrides(section):
+    """A settings section (stage1, stage3, align, field.latent, ...) as the step's --cfg JSON."""
+    node = config
+    for part in section.split("."):
+        node = (node or {}).get(part) or {}
+    return json.dumps(node)
+
+
+# ----------------------------------------------------------------------------- report and store
+def report_config():
+    return json.dumps({"scenes": selected_scenes(), "methods": config["methods"], "vae": {"name": VAE["name"]},
+                       "protocol": config.get("protocol") or {}})
+
+
+def store_items():
+    """{source file: path inside results/store} for everything DVC versions: each scene's
+    cameras and SfM points (at SfM's and the working resolution), every fitted field, and the
+    fine-tuned VAE parts in use."""
+    items = {}
+    fields = {field_name(m) for m in config["methods"] if METHODS[m]["kind"] != "ceiling"}
+    for key in selected_scenes():
+        for f in ("scene.json", "points.npz"):
+            items[f"results/{key}/sfm/{f}"] = f"scenes/{key}/sfm/{f}"        # poses and points at SfM's resolution
+            items[f"results/{key}/prepared/{f}"] = f"scenes/{key}/{f}"       # the same, mapped to the working images
+        for fld in sorted(fields):
+            items[f"results/{key}/fields/{fld}/field.safetensors"] = f"fields/{key}/{fld}.safetensors"
+            items[f"results/{key}/fields/{fld}/field.json"] = f"fields/{key}/{fld}.json"
+    if any(METHODS[m].get("encoder") == "tuned" for m in config["methods"]):
+        items[TUNED_ENCODER] = f"vae/{VAE['name']}/encoder.safetensors"
+    if any(METHODS[m].get("decoder") == "tuned" for m in config["methods"]):
+        items[TUNED_DECODER] = f"vae/{VAE['name']}/decoder.safetensors"
+    return items
+
 
 # For `--sdm conda`: every rule runs in this environment (same pins as pyproject.toml).
 CONDA_ENV = str(Path(workflow.basedir) / "envs" / "lrf.yaml")

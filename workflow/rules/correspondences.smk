@@ -16,11 +16,10 @@ rule correspondences:
     log:
         "results/logs/correspondences/{dataset}/{scene}.log",
     priority: protocol_priority
-    threads: 1
+    threads: res("correspondences", "threads")
     resources:
-        mem_mb=3000,
-        runtime=10,
+        **resources_of("correspondences"),
     shell:
-        logged("{PY} lrf.correspondences --scene {input.scene} --out {params.out} "
+        logged("python -m lrf.correspondences --scene {input.scene} --out {params.out} "
                "--max-reproj {params.cfg[max_reproj_px]} --min-track {params.cfg[min_track]} "
                "--max-per-pair {params.cfg[max_per_pair]} --seed {params.seed}")

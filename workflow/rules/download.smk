@@ -5,7 +5,12 @@ rule download:
         data=DATA_DIR,
         weights=WEIGHTS_DIR,
         what=config.get("download", "weights,nerf_example"),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/download.log",
+    threads: res("download", "threads")
+    resources:
+        **resources_of("download"),
     shell:
-        "{PY} lrf.download --what {params.what} --data-dir {params.data:q} --weights-dir {params.weights:q} 2>&1 | tee {log}"
+        "python -m lrf.download --what {params.what} --data-dir {params.data:q} --weights-dir {params.weights:q} 2>&1 | tee {log}"

@@ -8,7 +8,7 @@ rule encode:
     params:
         vae=lambda wc: vae_spec(encoder=wc.variant.endswith("-enc")),
         weights=WEIGHTS_DIR,
-        device=device_of("encode"),
+        device=device_flags("encode", renders=False),
     wildcard_constraints:
         variant="[A-Za-z0-9][A-Za-z0-9_.-]*",
     conda:
@@ -16,11 +16,9 @@ rule encode:
     log:
         "results/logs/encode/{dataset}/{scene}/{variant}.log",
     priority: lambda wc: CRITICAL if wc.variant.endswith("-enc") else 0
-    threads: res("encode", "threads", 2)
+    threads: res("encode", "threads")
     resources:
-        mem_mb=res("encode", "mem_mb", 6000),
-        runtime=res("encode", "runtime", 30),
-        **gpu_resources("encode"),
+        **resources_of("encode"),
     shell:
-        logged("{PY} lrf.encode --scene {input.scene} --vae {params.vae:q} --weights-dir {params.weights:q} "
-               "--device {params.device} --threads {threads} --out {output}")
+        logged("python -m lrf.encode --scene {input.scene} --vae {params.vae:q} --weights-dir {params.weights:q} "
+               "{params.device} --threads {threads} --out {output}")

@@ -19,7 +19,8 @@ rule stage1:
         pairs=lambda wc, input: " ".join(f"--scene {s} --corr {Path(c).parent}" for s, c in zip(input.scenes, input.corr)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-corr {Path(c).parent}"
                                            for s, c in zip(input.mscenes, input.mcorr)),
-        cfg=lambda wc: stage_cfg("stage1"),
+        cfg=lambda wc: overrides("stage1"),
+        device=device_flags("stage1", renders=False),
         seed=config["seed"],
         out=lambda wc, output: Path(output.encoder).parent,
     conda:
@@ -27,14 +28,13 @@ rule stage1:
     log:
         f"results/logs/stage1/{VAE['name']}.log",
     priority: CRITICAL
-    threads: res("stage1", "threads", 2)
+    threads: res("stage1", "threads")
     resources:
-        mem_mb=res("stage1", "mem_mb", 8000),
-        runtime=res("stage1", "runtime", 240),
-        **gpu_resources("stage1"),
+        **resources_of("stage1"),
     shell:
-        logged("{PY} lrf.finetune.stage1 --vae {params.vae:q} --weights-dir {params.weights:q} {params.pairs} "
-               "{params.measure} --cfg {params.cfg:q} --seed {params.seed} --threads {threads} --out {params.out}")
+        logged("python -m lrf.finetune.stage1 --vae {params.vae:q} --weights-dir {params.weights:q} {params.pairs} "
+               "{params.measure} --cfg {params.cfg:q} --seed {params.seed} {params.device} --threads {threads} "
+               "--out {params.out}")
 
 
 rule stage3:
@@ -55,7 +55,8 @@ rule stage3:
         pairs=lambda wc, input: " ".join(f"--scene {s} --field {f}" for s, f in zip(input.scenes, input.fields)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-field {f}"
                                            for s, f in zip(input.mscenes, input.mfields)),
-        cfg=lambda wc: stage_cfg("stage3"),
+        cfg=lambda wc: overrides("stage3"),
+        device=device_flags("stage3"),
         seed=config["seed"],
         out=lambda wc, output: Path(output.decoder).parent,
     conda:
@@ -63,11 +64,10 @@ rule stage3:
     log:
         f"results/logs/stage3/{VAE['name']}.log",
     priority: CRITICAL
-    threads: res("stage3", "threads", 2)
+    threads: res("stage3", "threads")
     resources:
-        mem_mb=res("stage3", "mem_mb", 8000),
-        runtime=res("stage3", "runtime", 240),
-        **gpu_resources("stage3"),
+        **resources_of("stage3"),
     shell:
-        logged("{PY} lrf.finetune.stage3 --vae {params.vae:q} --weights-dir {params.weights:q} {params.pairs} "
-               "{params.measure} --cfg {params.cfg:q} --seed {params.seed} --threads {threads} --out {params.out}")
+        logged("python -m lrf.finetune.stage3 --vae {params.vae:q} --weights-dir {params.weights:q} {params.pairs} "
+               "{params.measure} --cfg {params.cfg:q} --seed {params.seed} {params.device} --threads {threads} "
+               "--out {params.out}")

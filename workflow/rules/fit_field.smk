@@ -1,26 +1,19 @@
-def _field_targets(wc):
-    if wc.field == "rgb-3dgs":
-        return []
-    return [f"results/{wc.dataset}/{wc.scene}/latents/{latent_variant(VAE['name'], wc.field)}.safetensors"]
-
-
 rule fit_field:
     """Fit Gaussians to one scene's training views: latents (vanilla, enc) or colours (rgb-3dgs)."""
     input:
         scene="results/{dataset}/{scene}/prepared/scene.json",
         points="results/{dataset}/{scene}/prepared/points.npz",
-        targets=_field_targets,
+        targets=field_targets,
     output:
         field="results/{dataset}/{scene}/fields/{field}/field.safetensors",
         meta="results/{dataset}/{scene}/fields/{field}/field.json",
     params:
         targets=lambda wc, input: "rgb" if wc.field == "rgb-3dgs" else f"latents {input.targets[0]}",
-        cfg=lambda wc: json.dumps(config["field"]["rgb" if wc.field == "rgb-3dgs" else "latent"]),
+        cfg=lambda wc: overrides("field.rgb" if wc.field == "rgb-3dgs" else "field.latent"),
         out=lambda wc, output: Path(output.field).parent,
         seed=config["seed"],
         downscale=lambda wc: config.get("rgb_downscale", 1) if wc.field == "rgb-3dgs" else 1,
-        backend=BACKEND,
-        device=device_of("fit_field"),
+        device=device_flags("fit_field"),
     wildcard_constraints:
         field=method_regex(FIELDS),
     conda:
@@ -28,12 +21,10 @@ rule fit_field:
     log:
         "results/logs/fit_field/{dataset}/{scene}/{field}.log",
     priority: lambda wc: CRITICAL if wc.field == "enc" else 0
-    threads: res("fit_field", "threads", 2)
+    threads: res("fit_field", "threads")
     resources:
-        mem_mb=res("fit_field", "mem_mb", 8000),
-        runtime=res("fit_field", "runtime", 120),
-        **gpu_resources("fit_field"),
+        **resources_of("fit_field"),
     shell:
-        logged("{PY} lrf.fit --scene {input.scene} --targets {params.targets} --cfg {params.cfg:q} "
-               "--downscale {params.downscale} --seed {params.seed} --backend {params.backend} --device {params.device} "
+        logged("python -m lrf.fit --scene {input.scene} --targets {params.targets} --cfg {params.cfg:q} "
+               "--downscale {params.downscale} --seed {params.seed} {params.device} "
                "--threads {threads} --out {params.out}")

@@ -13,17 +13,17 @@ rule orbit:
         weights=WEIGHTS_DIR,
         frames=config.get("orbit", {}).get("frames", 36),
         rgb_downscale=config.get("rgb_downscale", 1),
+        device=device_flags("orbit"),
     wildcard_constraints:
         method=method_regex(m for m in METHODS if METHODS[m]["kind"] != "ceiling"),
     conda:
         CONDA_ENV
     log:
         "results/logs/orbit/{dataset}/{scene}/{method}.log",
-    threads: 1
+    threads: res("orbit", "threads")
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **resources_of("orbit"),
     shell:
-        logged("{PY} lrf.orbit --scene {input.scene} --field {input.field} --kind {params.kind} --vae {params.vae:q} "
+        logged("python -m lrf.orbit --scene {input.scene} --field {input.field} --kind {params.kind} --vae {params.vae:q} "
                "--weights-dir {params.weights:q} --frames {params.frames} --rgb-downscale {params.rgb_downscale} "
-               "--out {output.video} && {PY} lrf.field.io {input.field} {output.ply}")
+               "{params.device} --threads {threads} --out {output.video} && python -m lrf.field.io {input.field} {output.ply}")

@@ -16,12 +16,11 @@ rule sfm_input:
     log:
         "results/logs/sfm_input/{dataset}/{scene}.log",
     priority: protocol_priority
-    threads: 1
+    threads: res("sfm_input", "threads")
     resources:
-        mem_mb=3000,
-        runtime=15,
+        **resources_of("sfm_input"),
     shell:
-        logged("{PY} lrf.prepare --format {params.fmt} --root {params.root:q} --dataset {wildcards.dataset} "
+        logged("python -m lrf.prepare --format {params.fmt} --root {params.root:q} --dataset {wildcards.dataset} "
                "--name {wildcards.scene} {params.extra} --max-side {params.max_side} --multiple 1 --out {params.out}")
 
 
@@ -42,9 +41,8 @@ rule prepare:
     log:
         "results/logs/prepare/{dataset}/{scene}.log",
     priority: protocol_priority
-    threads: 1
+    threads: res("prepare", "threads")
     resources:
-        mem_mb=3000,
-        runtime=15,
+        **resources_of("prepare"),
     shell:
-        logged("{PY} lrf.prepare --scene {input.scene} {params.extra} --out {params.out}")
+        logged("python -m lrf.prepare --scene {input.scene} {params.extra} --out {params.out}")

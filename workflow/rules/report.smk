@@ -1,11 +1,3 @@
-def report_config():
-    return json.dumps({"scenes": selected_scenes(), "methods": config["methods"], "vae": {"name": VAE["name"]},
-                       "protocol": config.get("protocol") or {}})
-
-
-REPORT_CMD = "{PY} lrf.report --results results --config-json {params.cfg:q} --out results/report"
-
-
 rule report:
     """Gather every metrics file into tables, figures, image grids, report.html and summary.json."""
     input:
@@ -27,12 +19,11 @@ rule report:
         CONDA_ENV
     log:
         "results/logs/report.log",
-    threads: 1
+    threads: res("report", "threads")
     resources:
-        mem_mb=3000,
-        runtime=15,
+        **resources_of("report"),
     shell:
-        logged(REPORT_CMD)
+        logged("python -m lrf.report --results results --config-json {params.cfg:q} --out results/report")
 
 
 onerror:

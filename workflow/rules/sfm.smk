@@ -17,11 +17,10 @@ rule sfm:
     log:
         "results/logs/sfm/{dataset}/{scene}.log",
     priority: protocol_priority
-    threads: config["sfm"]["threads"]
+    threads: res("sfm", "threads")
     resources:
-        mem_mb=6000,
-        runtime=60,
+        **resources_of("sfm"),
     shell:
-        logged("{PY} lrf.sfm --scene {input.scene} --out {params.out} --poses {params.poses} "
+        logged("python -m lrf.sfm --scene {input.scene} --out {params.out} --poses {params.poses} "
                "--matcher {params.cfg[matcher]} --max-features {params.cfg[max_features]} "
                "--min-registered {params.cfg[min_registered]} --threads {threads} --seed {params.seed}")
