@@ -88,6 +88,7 @@ class Viewer:
         self.first_scene = first_scene or next(iter(scenes))
         self.first_method = first_method
         self.tabs: dict[int, Tab] = {}
+        self._stopping = False
         logging.getLogger("websockets").setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):   # viser's banner: we print our own line
             self.server = viser.ViserServer(host=host, port=port, label="lrf viewer", verbose=False)
@@ -109,6 +110,8 @@ class Viewer:
             return self._loaded[key]
 
     def _connect(self, client) -> None:
+        if self._stopping:
+            return
         tab = Tab(self, client)
         self.tabs[client.client_id] = tab
         tab.start()
@@ -119,6 +122,7 @@ class Viewer:
             tab.stop()
 
     def stop(self) -> None:
+        self._stopping = True
         for tab in list(self.tabs.values()):
             tab.stop()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -133,6 +137,7 @@ class Tab:
         self.settings = ViewSettings(**vars(viewer.settings))
         self._wake = threading.Event()
         self._halt = threading.Event()
+        self._send = threading.Lock()   # held while a frame goes out; stop() waits on it
         self._last_move = 0.0
         self._version = 0          # bumps on every settings change
         self._frames = 0
@@ -278,8 +283,11 @@ class Tab:
         self._thread.start()
 
     def stop(self) -> None:
+        """Halt the loop. A frame still rendering is dropped, never sent after stop() returns."""
         self._halt.set()
         self._wake.set()
+        with self._send:
+            pass
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
@@ -326,14 +334,17 @@ class Tab:
         img = compose(self.v.renderer, left, right, w2c, float(c.fov), float(c.aspect), px,
                       float(self.g_split.value), tm)
         t1 = time.perf_counter()
-        self.client.scene.set_background_image(img, format="jpeg", jpeg_quality=s.jpeg_quality)
-        dt = time.perf_counter() - t0
-        if not still and s.adapt:   # aim the next moving frame at the target rate
-            want = s.moving_px * float(np.sqrt((1.0 / s.fps) / max(dt, 1e-3)))
-            s.moving_px = int(np.clip(0.5 * s.moving_px + 0.5 * want, MIN_PX, s.max_px)) // 8 * 8
-        self._frames += 1
-        name = left.name + (f" | {right.name}" if right else "")
-        self.g_status.content = (f"frame {self._frames} · **{name}** · {img.shape[1]}×{img.shape[0]} "
-                                 f"{'still' if still else 'moving'} · {dt * 1e3:.0f} ms "
-                                 f"(render {tm.render_ms:.0f}, decode {tm.decode_ms:.0f}, "
-                                 f"send {(dt - (t1 - t0)) * 1e3:.0f})")
+        with self._send:   # nothing goes out once stop() has begun: the connection may be gone
+            if self._halt.is_set():
+                return
+            self.client.scene.set_background_image(img, format="jpeg", jpeg_quality=s.jpeg_quality)
+            dt = time.perf_counter() - t0
+            if not still and s.adapt:   # aim the next moving frame at the target rate
+                want = s.moving_px * float(np.sqrt((1.0 / s.fps) / max(dt, 1e-3)))
+                s.moving_px = int(np.clip(0.5 * s.moving_px + 0.5 * want, MIN_PX, s.max_px)) // 8 * 8
+            self._frames += 1
+            name = left.name + (f" | {right.name}" if right else "")
+            self.g_status.content = (f"frame {self._frames} · **{name}** · {img.shape[1]}×{img.shape[0]} "
+                                     f"{'still' if still else 'moving'} · {dt * 1e3:.0f} ms "
+                                     f"(render {tm.render_ms:.0f}, decode {tm.decode_ms:.0f}, "
+                                     f"send {(dt - (t1 - t0)) * 1e3:.0f})")
