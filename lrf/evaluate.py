@@ -3,7 +3,8 @@
 Three kinds share one code path so their numbers are comparable:
 - `latent`: a latent field rendered at 1/8 resolution, decoded by the VAE;
 - `rgb`: an RGB field rendered at the working resolution (the RGB-3DGS baseline);
-- `ceiling`: no field, decode(encode(photo)) (the VAE's own limit).
+- `ceiling`: no field, decode(encode(photo)) (the VAE's own limit); its views also get
+  `psnr_shift`, the shift-averaged ceiling (lrf.vae.shift: what survives a field's averaging).
 
     python -m lrf.evaluate --scene results/D/S/prepared/scene.json --kind latent --method vanilla \
         --field results/D/S/fields/vanilla/field.safetensors --vae '{...}' --weights-dir W --out results/D/S/eval/vanilla
@@ -75,6 +76,7 @@ def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, backg
     generalise. The report puts the two side by side per scene.
     """
     from lrf.metrics import psnr, ssim
+    from lrf.vae.shift import shift_ceiling_view
 
     out_dir = Path(out_dir)
     views, times = [], []
@@ -85,6 +87,8 @@ def evaluate(scene: Scene, kind: str, out_dir: Path, vae=None, field=None, backg
         pred, render_ms = predict(scene, i, kind, vae, field, background, backend, rgb_downscale)
         total_ms = (time.perf_counter() - t0) * 1e3
         row = {"view": cam.name, "psnr": psnr(pred, photo), "ssim": ssim(pred, photo)}
+        if kind == "ceiling":   # what survives a field's averaging over sub-cell offsets (lrf.vae.shift)
+            row["psnr_shift"] = shift_ceiling_view(vae, photo)["shift"]
         times.append({"view": cam.name, "render_ms": render_ms, "total_ms": total_ms})
         for net, model in (lpips_nets or {}).items():
             row[f"lpips_{net}"] = float(model(pred, photo).mean())

@@ -220,6 +220,8 @@ class Stage1Config(TrainConfig):
     # Latents a field can hold (issue 18, docs/experiments.md E9): the decoder may train too, and
     # three more losses make averaged / resampled latents decodable.
     tune_decoder: bool = False    # train the decoder with the encoder (saves decoder.safetensors)
+    tune_encoder: bool = True     # False with tune_decoder: the decoder alone learns to decode what the
+    #                               pretrained encoder gives (corr/stats/anchor terms are then constants)
     decoder_lr: float = 0.0       # Adam lr of the decoder; 0: the same as lr
     w_shift_avg: float = 0.0      # L1(D(mean of shifted encodings, each moved back), x) on one crop per
     shift_avg_step: int = 0       # pair: the 2x2 grid of window shifts {0, s} x {0, t} px, s and t
@@ -229,6 +231,8 @@ class Stage1Config(TrainConfig):
     #                               (equiv_shift / equiv_scale / equiv_rotate_deg) as w_equiv
     w_out_anchor: float = 0.0     # L1 between D(E(x)) and the pretrained D0(E0(x)) (an anchor on the
     #                               decoded image instead of on the latents)
+    val_grid: int = 4             # shifts per axis of the validation's shift-averaged ceiling: 4 is the
+    #                               measure's 4x4 grid of 0/2/4/6 px; 2 (0/4 px) costs a quarter of the encodes
     shift_measure: str = "all"    # consistency.json's shift-averaged ceiling (16 encodes per held-out
     #                               view) on "all" scenes, only the --measure-scene ones ("measure"), "none"
 
@@ -248,8 +252,12 @@ class Stage1Config(TrainConfig):
             raise InputError("Stage1Config: shift_avg_step must be in 0..7 (px within one latent cell; 0: random)")
         if self.w_dec_equiv > 0 and self.crop < 48:
             raise InputError("Stage1Config: w_dec_equiv needs crop >= 48 (the term skips the warped border)")
+        if not (self.tune_encoder or self.tune_decoder):
+            raise InputError("Stage1Config: tune_encoder and tune_decoder are both false: nothing to train")
         if self.decoder_lr < 0:
             raise InputError("Stage1Config: decoder_lr must be >= 0")
+        if self.val_grid not in (1, 2, 4, 8):
+            raise InputError("Stage1Config: val_grid must be 1, 2, 4 or 8 (shifts per axis, evenly within a cell)")
         if self.shift_measure not in ("all", "measure", "none"):
             raise InputError("Stage1Config: shift_measure must be all, measure or none")
 

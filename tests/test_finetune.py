@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from lrf.checkpoint import CKPT_META, CKPT_NAME
+from lrf.errors import InputError
 from lrf.vae.grid import sample_latents
 from lrf.finetune.stage1 import (CorrScene, Stage1Config, correspondence_loss, crop_origin, inside, load_corr_scene,
                                  train_stage1)
@@ -753,6 +754,11 @@ def test_stage1_tunes_the_decoder_with_the_new_losses_and_resumes_exactly(tmp_pa
     frozen, _ = run(tmp_path / "frozen", tune_decoder=False, steps=2)
     assert same(state(frozen.decoder), state(start.decoder))
     assert same(load_file(str(tmp_path / "frozen" / "decoder.safetensors")), state(start.decoder))
+    # the decoder alone: the encoder stays the pretrained one, the decoder moves
+    alone, _ = run(tmp_path / "alone", tune_encoder=False, steps=2)
+    assert same(state(alone.encoder), state(start.encoder)) and not same(state(alone.decoder), state(start.decoder))
+    with pytest.raises(InputError, match="nothing to train"):
+        Stage1Config(tune_encoder=False, tune_decoder=False).validate()
 
 
 def chain_scene(tmp: Path, n: int = 5, shift: int = 3, w: int = 64, h: int = 48, test: tuple = (4,)) -> CorrScene:

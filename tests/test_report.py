@@ -504,3 +504,36 @@ def test_checkpoint_selection_line_and_figure_per_stage(tmp_path):
     html = (tmp_path / "out2" / "report.html").read_text()
     s1, s3 = html.split("id='stage1'")[1].split("id='stage3'")
     assert "Stage 1: checkpoint selection" in s1 and "Stage 3: checkpoint selection" in s3.split("id='curves'")[0]
+
+
+def test_shift_averaged_ceilings_beside_the_fields(tmp_path):
+    """Both autoencoders' plain and shift-averaged ceilings per scene, next to the latent fields'
+    held-out PSNR, and their means per split in summary.json."""
+    from lrf.report import build_report
+
+    results = tmp_path / "results"
+    shift = {("vae-ceiling", k): 19.0 + i for i, k in enumerate(TUNE + EVAL)}
+    shift |= {("stage1-ceiling", k): 21.0 + i for i, k in enumerate(TUNE + EVAL)}
+    methods = ["vae-ceiling", "stage1-ceiling", "vanilla", "enc"]
+    for key in TUNE + EVAL:
+        for m, p in (("vae-ceiling", 27.0), ("stage1-ceiling", 26.8), ("vanilla", 20.0), ("enc", 20.5)):
+            write_metrics(results, key, m, p)
+            if m.endswith("ceiling"):   # as lrf.evaluate writes ceilings: psnr_shift per view and mean
+                f = results / key / "eval" / m / "metrics.json"
+                doc = json.loads(f.read_text())
+                doc["kind"] = "ceiling"
+                doc["mean"]["psnr_shift"] = shift[(m, key)]
+                f.write_text(json.dumps(doc))
+    cfg = {"scenes": TUNE + EVAL, "methods": methods, "protocol": {"tune": TUNE, "eval": EVAL}, "vae": {"name": "taef2"}}
+    rep = build_report(results, cfg, tmp_path / "out")
+    t = next(t for t in rep.tables["diagnosis"] if t.title.startswith("Autoencoder ceilings"))
+    assert t.header == ["scene", "vae-ceiling plain", "vae-ceiling shift-averaged", "stage1-ceiling plain",
+                        "stage1-ceiling shift-averaged", "vanilla field", "enc field"]
+    rows = {r[0][0]: [c[0] for c in r[1:]] for r in t.rows}
+    k = EVAL[1]
+    i = (TUNE + EVAL).index(k)
+    assert rows[k] == ["27.00", f"{19.0 + i:.2f}", "26.80", f"{21.0 + i:.2f}", "20.00", "20.50"]
+    s = rep.summary
+    assert s["shift_ceiling/stage1-ceiling/cross-dataset"] == pytest.approx(np.mean([21.0 + (TUNE + EVAL).index(e) for e in EVAL]))
+    assert s["shift_ceiling/vae-ceiling"] == pytest.approx(np.mean([19.0 + j for j in range(len(TUNE + EVAL))]))
+    assert "Autoencoder ceilings" in (tmp_path / "out" / "tables.md").read_text()

@@ -152,3 +152,10 @@ def test_shift_ceiling_over_scene_views(tmp_path):
     assert r["shift"] < r["plain"]
     assert shift_ceiling(UnshuffleAE(), scene, ids=[0], grid=(0,))["shift"] == pytest.approx(
         shift_ceiling(UnshuffleAE(), scene, ids=[0])["plain"])
+    # lrf.evaluate's ceiling kind reports the same numbers per held-out view (the report reads them)
+    from lrf.evaluate import evaluate
+
+    metrics, _ = evaluate(scene, "ceiling", tmp_path / "eval", UnshuffleAE(), save_renders=False)
+    assert [v["psnr_shift"] for v in metrics["per_view"]] == pytest.approx([v["shift"] for v in r["per_view"]])
+    assert metrics["mean"]["psnr_shift"] == pytest.approx(r["shift"])
+    assert metrics["mean"]["psnr"] == pytest.approx(r["plain"])

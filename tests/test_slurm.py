@@ -86,30 +86,43 @@ def test_slurm_profile_runs_jobs_through_slurm(slurm, shared_dir, tmp_path):
 TINY_FIELD = {"steps": 30, "refine_start": 10, "refine_stop": 20, "refine_every": 10, "checkpoint_every": 0}
 
 
-@pytest.mark.parametrize("rule,target,local", [
-    # encode (no GPU, rerun) and fit_field (GPU) go through SLURM; the steps before run locally
-    ("fit_field", "results/llff/fern/fields/vanilla/field.json", "results/llff/fern/latents/taef2.safetensors"),
-    # the per-scene alignment, the longest per-scene step: its field is fitted locally first
-    ("align_scene", "results/llff/fern/align/vanilla-ps/align.json", "results/llff/fern/fields/vanilla/field.json"),
+@pytest.fixture(scope="module")
+def fern_field(slurm, shared_dir, tmp_path_factory):
+    """A workflow run locally up to fern's `vanilla` field (both GPU cases start from a copy of it:
+    SLURM adds ~20 s a job, so the steps before run once, locally)."""
+    import yaml
+
+    wf = make_workflow(tmp_path_factory.mktemp("gpu") / "wf", [FERN], shared_dir, methods=["vanilla", "vanilla-ps"])
+    shutil.copytree(REPO / "profiles", wf / "profiles")
+    cfg = yaml.safe_load((wf / "config" / "config.yaml").read_text())
+    cfg["field"]["latent"].update(TINY_FIELD)
+    (wf / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    pre = subprocess.run(snakemake_cmd(wf, "--cores", "2", "results/llff/fern/fields/vanilla/field.json"), cwd=wf,
+                         env=lrf_env(shared_dir), capture_output=True, text=True, timeout=600)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    return wf
+
+
+@pytest.mark.parametrize("rule,target", [
+    # encode (no GPU, rerun) and fit_field (GPU) go through SLURM
+    ("fit_field", "results/llff/fern/fields/vanilla/field.json"),
+    # the per-scene alignment, the longest per-scene step (encode and a CPU fit_field before it)
+    ("align_scene", "results/llff/fern/align/vanilla-ps/align.json"),
 ])
-def test_gpu_rule_requests_a_gpu_and_fails_without_cuda(slurm, shared_dir, tmp_path, rule, target, local):
+def test_gpu_rule_requests_a_gpu_and_fails_without_cuda(fern_field, shared_dir, tmp_path, rule, target):
     """resources.<rule>.gpu = 1: the profile's sbatch call asks for the GPU (--gpus=1, SLURM's
     TresPerJob gres:gpu:1), jobs of other rules ask for none, and the job, which finds no CUDA
     device (CI's node has one fake GPU), fails with one ERROR line instead of running on the CPU."""
     import yaml
 
-    wf = make_workflow(tmp_path / "gpu", [FERN], shared_dir, methods=["vanilla", "vanilla-ps"])
-    shutil.copytree(REPO / "profiles", wf / "profiles")
+    wf = tmp_path / "gpu"
+    shutil.copytree(fern_field, wf, symlinks=True)
     cfg = yaml.safe_load((wf / "config" / "config.yaml").read_text())
     key = "align" if rule == "align_scene" else rule   # the resources entry is named after the step
     cfg["resources"].setdefault(key, {})["gpu"] = 1
-    cfg["field"]["latent"].update(TINY_FIELD)
     (wf / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # the steps before run locally (SLURM adds ~20 s a job); then encode (no GPU, rerun) and the GPU rule
-    # go through SLURM
-    pre = subprocess.run(snakemake_cmd(wf, "--cores", "2", local), cwd=wf, env=lrf_env(shared_dir),
-                         capture_output=True, text=True, timeout=600)
-    assert pre.returncode == 0, pre.stderr[-3000:]
+    if rule == "fit_field":   # the GPU job must write it anew (and cannot)
+        (wf / target).unlink()
     p = subprocess.run(snakemake_cmd(wf, target, "--profile", "profiles/slurm", "--verbose", "--forcerun", "encode"),
                        cwd=wf, env=lrf_env(shared_dir), capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr

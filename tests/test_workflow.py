@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -167,6 +168,14 @@ def test_dry_run_lists_the_rules(runs):
     assert "results/llff/fern/correspondences/summary.json" in r.out
     assert "results/llff/fern/sfm/stats.json" in r.out
     assert not (r.wf / "results").exists()  # a dry run writes nothing
+    # `enc` decodes with stage 1's decoder, and stage 3 starts from it (lrf.methods)
+    blocks = re.split(r"\n(?=rule \w+:)", r.out)
+    enc_eval = [b for b in blocks if "rule evaluate:" in b and "eval/enc/metrics.json" in b]
+    stage3 = [b for b in blocks if "rule stage3:" in b]
+    assert enc_eval and stage3, r.out[-3000:]
+    for b in enc_eval + stage3:
+        inputs = next(line for line in b.splitlines() if line.strip().startswith("input:"))
+        assert "results/vae/taef2/stage1/decoder.safetensors" in inputs, b
 
 
 @pytest.mark.slow

@@ -36,14 +36,18 @@ def paired_scenes(scenes, others, flags: str, load: Callable) -> list:
     return [load(s, o) for s, o in zip(scenes, others)]
 
 
-def pretrained_and_tuned(spec: dict, part: str, out: Path, weights_dir: Path, device: str):
-    """For --measure-only: (pretrained VAE, VAE with the tuned `part`, the latter's spec). The tuned
-    part is the spec's own, else `out`/<part>.safetensors from an earlier run."""
+def pretrained_and_tuned(spec: dict, parts: tuple[str, ...], out: Path, weights_dir: Path, device: str):
+    """For --measure-only: (pretrained VAE, VAE with the tuned `parts`, the latter's spec). Each
+    tuned part is the spec's own, else `out`/<part>.safetensors from an earlier run; the first part
+    must exist, the others stay pretrained where neither gives one (stage 1's decoder)."""
     from lrf.vae.factory import load_vae
 
-    tuned = spec.get(part) or (out / f"{part}.safetensors")
-    if not Path(tuned).is_file():
-        raise InputError(f"--measure-only: {tuned}: no tuned {part} (give it as the spec's '{part}')")
-    base = {k: v for k, v in spec.items() if k != part}
-    after = dict(base, **{part: str(tuned)})
+    base = {k: v for k, v in spec.items() if k not in parts}
+    after = dict(base)
+    for k, part in enumerate(parts):
+        tuned = spec.get(part) or (out / f"{part}.safetensors")
+        if Path(tuned).is_file():
+            after[part] = str(tuned)
+        elif k == 0 or spec.get(part):
+            raise InputError(f"--measure-only: {tuned}: no tuned {part} (give it as the spec's '{part}')")
     return load_vae(base, weights_dir, device), load_vae(after, weights_dir, device), after

@@ -61,8 +61,8 @@ decoder.safetensors (the starting decoder when it is not tuned), curve.csv, cons
         [--scene S2/scene.json --corr S2/correspondences ...] \
         [--measure-scene X/scene.json --measure-corr X/correspondences ...] \
         --cfg '{"steps": 2000}' --out results/vae/taef2/stage1
-    python -m lrf.finetune.stage1 --measure-only --vae '{..., "encoder": "results/vae/taef2/stage1/encoder.safetensors"}' \
-        --weights-dir ../shared/weights --measure-scene X/scene.json --measure-corr X/correspondences --out OUT
+    python -m lrf.finetune.stage1 --measure-only --vae '{..., "encoder": "results/vae/taef2/stage1/encoder.safetensors",
+        "decoder": "results/vae/taef2/stage1/decoder.safetensors"}' --weights-dir ../shared/weights --measure-scene X/scene.json --measure-corr X/correspondences --out OUT
 """
 from __future__ import annotations
 
@@ -588,9 +588,10 @@ def split_for_validation(tune: list[CorrScene], cfg: Stage1Config) -> tuple[list
 
 
 @torch.no_grad()
-def validation_metrics(vae, tune: list[CorrScene], val: dict[str, list[int]]) -> dict:
-    """At the validation views: the plain and shift-averaged ceilings (view-pooled, lrf.vae.shift)
-    and the matched/random latent L1 ratio of their "val" pairs (match-pooled over scenes)."""
+def validation_metrics(vae, tune: list[CorrScene], val: dict[str, list[int]], grid: int = 4) -> dict:
+    """At the validation views: the plain and shift-averaged ceilings (view-pooled, lrf.vae.shift,
+    `grid` shifts per axis) and the matched/random latent L1 ratio of their "val" pairs
+    (match-pooled over scenes)."""
     from lrf.vae.shift import shift_ceiling
 
     l1 = rnd = 0.0
@@ -599,7 +600,7 @@ def validation_metrics(vae, tune: list[CorrScene], val: dict[str, list[int]]) ->
         views = val.get(cs.key) or []
         if not views:
             continue
-        r = shift_ceiling(vae, cs.scene, views)
+        r = shift_ceiling(vae, cs.scene, views, tuple(range(0, 8, 8 // grid)))
         plain += [v["plain"] for v in r["per_view"]]
         shift += [v["shift"] for v in r["per_view"]]
         p = cs.pairs[cs.pairs["split"] == VAL_SPLIT]
@@ -667,7 +668,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     vae0 = copy.deepcopy(vae).eval() if (cfg.w_anchor > 0 or cfg.w_out_anchor > 0) else None
     encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
     recon0 = (lambda x: vae0.decode(vae0.encode_distribution(x)[0], clamp=False)) if vae0 is not None else None
-    parts = [("encoder", enc)] + ([("decoder", dec)] if cfg.tune_decoder else [])
+    parts = ([("encoder", enc)] if cfg.tune_encoder else []) + ([("decoder", dec)] if cfg.tune_decoder else [])
     sampler = PairSampler(tune, cfg)
     images = ImageCache(tune)
     stats: dict[str, torch.Tensor] = {}   # the starting latents' per-channel mean / std
@@ -682,9 +683,8 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         stats["mean"], stats["std"] = tens["stats/mean"], tens["stats/std"]
 
     loop = TrainLoop("stage1", out_dir, fp, cfg, CURVE_COLUMNS, state, load, progress)
-    groups = [{"params": list(enc.parameters()), "lr": cfg.lr}]
-    if cfg.tune_decoder:
-        groups.append({"params": list(dec.parameters()), "lr": cfg.decoder_lr or cfg.lr})
+    groups = [{"params": list(m.parameters()), "lr": (cfg.decoder_lr or cfg.lr) if name == "decoder" else cfg.lr}
+              for name, m in parts]
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     if loop.resume(opt) is None:
         before, lat_train = {}, []
@@ -716,7 +716,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
         return ([vals[k] for k in CURVE_COLUMNS[1:-1]], {k: vals[k] for k in ("loss", "corr", "stats")})
 
     def validate():
-        m = validation_metrics(vae, tune, val)
+        m = validation_metrics(vae, tune, val, cfg.val_grid)
         ref = loop.extra.setdefault("val_reference", m)  # the first call: step 0, the pretrained encoder
         return (*criterion(m, ref, cfg), m)
 
@@ -788,7 +788,7 @@ def main(argv=None) -> int:
         if args.measure_only:
             if not measured:
                 raise InputError("--measure-only: give --measure-scene/--measure-corr")
-            before, after, spec = pretrained_and_tuned(step.spec, "encoder", args.out, args.weights_dir, cfg.device)
+            before, after, spec = pretrained_and_tuned(step.spec, ("encoder", "decoder"), args.out, args.weights_dir, cfg.device)
             report = dict(measure_only(before, after, measured), vae=spec)
             atomic_write_json(args.out / "consistency.json", report)
             return summary_line(report)

@@ -1,4 +1,5 @@
 """Stage 3, VAE-RF alignment: fine-tune only the decoder on latents rendered by fitted fields.
+The workflow starts it from stage 1's decoder (the pretrained one unless stage1.tune_decoder).
 
 Latents RENDERED by a fitted latent field are blurrier and slightly off-distribution compared
 with encoder outputs; the decoder learns to decode them into the photos anyway.
@@ -24,7 +25,8 @@ latents that come from a diffusion model rather than a field); trained on render
 alone it drifts away from them.
 
     python -m lrf.finetune.stage3 \
-        --vae '{"kind":"taef2","source":"{weights}/taef2","encoder":"results/vae/taef2/stage1/encoder.safetensors"}' \
+        --vae '{"kind":"taef2","source":"{weights}/taef2","encoder":"results/vae/taef2/stage1/encoder.safetensors",
+               "decoder":"results/vae/taef2/stage1/decoder.safetensors"}' \
         --weights-dir ../shared/weights \
         --scene S1/prepared/scene.json --field S1/fields/enc/field.safetensors [--scene ... --field ...] \
         [--measure-scene X/prepared/scene.json --measure-field X/fields/enc/field.safetensors ...] \
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
         if args.measure_only:
             if not measured:
                 raise InputError("--measure-only: give --measure-scene/--measure-field")
-            before, after, spec = pretrained_and_tuned(step.spec, "decoder", args.out, args.weights_dir, cfg.device)
+            before, after, spec = pretrained_and_tuned(step.spec, ("decoder",), args.out, args.weights_dir, cfg.device)
             report = dict(measure_only(before, after, measured, cfg.backend), vae=spec)
             atomic_write_json(args.out / "alignment.json", report)
             return summary_line(report)

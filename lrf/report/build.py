@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lrf.io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-from lrf.methods import METHODS
+from lrf.methods import describe, METHODS
 from lrf.report.claims import check_claims, claim_numbers, claims_tables, selection_table, stage_tables
 from lrf.report.collect import before_after_rows, collect_runs, consistency_selection, discover_scenes, ordered_methods, read_curve, read_json, Run, vae_dirs
 from lrf.report.figures import figure_before_after, figure_field_curves, figure_finetune_curves, figure_metrics, figure_validation
 from lrf.report.grids import grid_image
 from lrf.report.html import html_page, Report, summary_md, tables_md
-from lrf.report.tables import before_after_table, cost_tables, csv_text, diagnosis_table, failure_table, group_tables, long_rows, overall_table, scene_tables, sfm_table, summary_numbers
+from lrf.report.tables import before_after_table, ceiling_table, cost_tables, csv_text, diagnosis_table, failure_table, group_tables, long_rows, overall_table, scene_tables, sfm_table, summary_numbers
 
 
 def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> Report:
@@ -67,12 +67,17 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
     rep.tables["claims"] = claims_tables(claims)
     rep.summary.update(claim_numbers(claims))
     rep.tables["overall"] = [overall_table(runs, methods, rep.summary)]
+    rep.tables["overall"][0].note += " Methods: " + "; ".join(describe(m) for m in methods) + "."
     rep.tables["dataset"] = group_tables(runs, methods, "dataset")
     if any(r.split != "-" for r in runs):
         rep.tables["split"] = group_tables(runs, methods, "split")
     rep.tables["scene"] = scene_tables(runs, scenes, methods)
     rep.tables["cost"] = cost_tables(runs, scenes, methods)
     rep.tables["diagnosis"] = [diagnosis_table(runs, scenes, methods)]
+    ceil = ceiling_table(runs, scenes, methods)
+    if ceil is not None:
+        rep.tables["diagnosis"].append(ceil)
+    rep.summary.update(shift_ceiling_numbers(runs, methods))
     sfm = sfm_table(results, scenes, rep.warnings)
     if sfm.rows:
         rep.tables["sfm"] = [sfm]
@@ -105,6 +110,21 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
             rep.grid_notes[key] = "no test views or no successful photo/vanilla/full/rgb-3dgs renders"
     write_outputs(rep, out)
     return rep
+
+
+def shift_ceiling_numbers(runs: list[Run], methods: list[str]) -> dict:
+    """summary.json: each ceiling method's mean shift-averaged ceiling, over all scenes and per split."""
+    out = {}
+    for m in methods:
+        if METHODS[m]["kind"] != "ceiling":
+            continue
+        for split in [None] + sorted({r.split for r in runs if r.split != "-"}):
+            v = [r.mean("psnr_shift") for r in runs if r.method == m and r.status == "ok"
+                 and (split is None or r.split == split)]
+            v = [x for x in v if x is not None]
+            if v:
+                out[f"shift_ceiling/{m}" + (f"/{split}" if split else "")] = sum(v) / len(v)
+    return out
 
 
 def add_selection(rep: Report, doc: dict | None, stage: str, tag: str, suffix: str, chosen: dict) -> None:

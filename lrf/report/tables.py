@@ -183,6 +183,35 @@ def cost_tables(runs: list[Run], scenes: list[str], methods: list[str]) -> list[
     return out
 
 
+def ceiling_table(runs: list[Run], scenes: list[str], methods: list[str]) -> Table | None:
+    """Per scene: each autoencoder's plain and shift-averaged ceilings at the held-out views
+    (lrf.vae.shift), beside the latent fields' held-out PSNR. The shift-averaged one is the bound a
+    field that averages views at different sub-cell offsets works under; stage 1 must raise it."""
+    by = {(r.key, r.method): r for r in runs}
+    ceilings = [m for m in methods if METHODS.get(m, {}).get("kind") == "ceiling"]
+    fields = [m for m in methods if METHODS.get(m, {}).get("kind") == "latent"]
+    if not ceilings:
+        return None
+    rows = []
+    for key in scenes:
+        cells = [(key, "")]
+        for m in ceilings:
+            r = by.get((key, m))
+            ok = r is not None and r.status == "ok"
+            cells += [(fmt("psnr", r.mean("psnr") if ok else None), ""),
+                      (fmt("psnr", r.mean("psnr_shift") if ok else None), "")]
+        for m in fields:
+            r = by.get((key, m))
+            cells.append((fmt("psnr", r.mean("psnr") if r is not None and r.status == "ok" else None), ""))
+        rows.append(cells)
+    header = ["scene"] + [h for m in ceilings for h in (f"{m} plain", f"{m} shift-averaged")] + \
+        [f"{m} field" for m in fields]
+    return Table("Autoencoder ceilings at the held-out views: plain and shift-averaged (PSNR)", header, rows,
+                 "plain: decode(encode(photo)); shift-averaged: decode(mean of the encodings of the photo shifted "
+                 "by a 4x4 grid of 0/2/4/6 px, each moved back), what survives a field's averaging over sub-cell "
+                 "offsets (lrf.vae.shift). stage1-ceiling is stage 1's encoder and decoder.")
+
+
 def diagnosis_table(runs: list[Run], scenes: list[str], methods: list[str]) -> Table:
     """Fit or generalisation? Per scene and field method: the VAE ceiling (held-out), decoded
     PSNR at training views (how well the field fits what it was given), held-out PSNR, and the

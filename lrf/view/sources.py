@@ -131,8 +131,9 @@ def _table_methods():
 
 def scene_methods(scene_dir: Path, results: Path, vae_name: str) -> dict[str, MethodSource]:
     """{method: source} for one results/<dataset>/<scene> folder, in METHODS order, then extras."""
+    from lrf.methods import method_part
+
     scene_dir, results = Path(scene_dir), Path(results)
-    tuned_decoder = results / "vae" / vae_name / "stage3" / DECODER
     found: dict[str, MethodSource] = {}
     used: set[Path] = set()
     for name, spec, fname in _table_methods():
@@ -140,7 +141,7 @@ def scene_methods(scene_dir: Path, results: Path, vae_name: str) -> dict[str, Me
             f, dec = scene_dir / "align" / name / FIELD, scene_dir / "align" / name / DECODER
         else:
             f = scene_dir / "fields" / fname / FIELD
-            dec = tuned_decoder if spec.get("decoder") == "tuned" else None
+            dec = results / d if (d := method_part(vae_name, name, "decoder")) else None
         if spec["kind"] == "rgb":
             dec = None
         if f.is_file() and (dec is None or dec.is_file()):

@@ -12,7 +12,7 @@ from snakemake.utils import validate
 validate(config, "../../config/schemas/config.schema.yaml")
 
 sys.path.insert(0, str(Path(workflow.basedir)))
-from lrf.methods import METHODS, field_name, latent_variant, per_scene  # noqa: E402
+from lrf.methods import METHODS, field_name, latent_variant, method_part, part_file, per_scene  # noqa: E402
 from lrf.scene.sheet import read_sheet, split_key  # noqa: E402  (the tests read the sheet with it too)
 from lrf.settings import check_config  # noqa: E402  (torch-free)
 
@@ -82,8 +82,9 @@ def logged(cmd):
 
 
 VAE = config["vae"]
-TUNED_ENCODER = f"results/vae/{VAE['name']}/stage1/encoder.safetensors"
-TUNED_DECODER = f"results/vae/{VAE['name']}/stage3/decoder.safetensors"
+TUNED_ENCODER = f"results/{part_file(VAE['name'], 'encoder', 'stage1')}"
+STAGE1_DECODER = f"results/{part_file(VAE['name'], 'decoder', 'stage1')}"   # stage 3 starts from it
+TUNED_DECODER = f"results/{part_file(VAE['name'], 'decoder', 'stage3')}"
 
 
 def vae_spec(encoder=False, decoder=False):
@@ -114,16 +115,21 @@ def method_field(wc):
 
 
 def method_decoder(wc):
-    """The decoder file a method decodes with: None (pretrained), stage 3's, or the per-scene copy."""
+    """The decoder file a method decodes with: None (pretrained), stage 1's or 3's (lrf.methods),
+    or the per-scene copy."""
     if per_scene(wc.method):
         return f"results/{wc.dataset}/{wc.scene}/align/{wc.method}/decoder.safetensors"
-    return TUNED_DECODER if METHODS[wc.method].get("decoder") == "tuned" else None
+    dec = method_part(VAE["name"], wc.method, "decoder")
+    return f"results/{dec}" if dec else None
+
+
+def method_encoder(wc):
+    enc = method_part(VAE["name"], wc.method, "encoder")
+    return f"results/{enc}" if enc else None
 
 
 def method_vae_files(wc):
-    files = [TUNED_ENCODER] if METHODS[wc.method].get("encoder") == "tuned" else []
-    dec = method_decoder(wc)
-    return files + ([dec] if dec else [])
+    return [f for f in (method_encoder(wc), method_decoder(wc)) if f]
 
 
 def base_of(wc):
@@ -132,7 +138,7 @@ def base_of(wc):
 
 
 def method_vae_spec(wc):
-    return vae_spec(METHODS[wc.method].get("encoder") == "tuned", method_decoder(wc) or False)
+    return vae_spec(method_encoder(wc) is not None, method_decoder(wc) or False)
 
 
 def field_targets(wc):
@@ -203,10 +209,11 @@ def store_items():
         for fld in sorted(fields):
             items[f"results/{key}/fields/{fld}/field.safetensors"] = f"fields/{key}/{fld}.safetensors"
             items[f"results/{key}/fields/{fld}/field.json"] = f"fields/{key}/{fld}.json"
-    if any(METHODS[m].get("encoder") == "tuned" for m in config["methods"]):
-        items[TUNED_ENCODER] = f"vae/{VAE['name']}/encoder.safetensors"
-    if any(METHODS[m].get("decoder") == "tuned" for m in config["methods"]):
-        items[TUNED_DECODER] = f"vae/{VAE['name']}/decoder.safetensors"
+    for m in config["methods"]:
+        for part in ("encoder", "decoder"):
+            # a per-scene method decodes with its own copy (under align/, not stored)
+            if (f := method_part(VAE["name"], m, part)) and not (per_scene(m) and part == "decoder"):
+                items[f"results/{f}"] = f
     return items
 
 

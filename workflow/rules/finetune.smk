@@ -3,7 +3,8 @@
 # also measured on its `eval` scenes, which the VAE never sees in training.
 
 rule stage1:
-    """Correspondence-aware autoencoding: fine-tune the encoder on the tuning scenes' training views."""
+    """Correspondence-aware autoencoding: fine-tune the encoder (and with tune_decoder the decoder)
+    on the tuning scenes' training views. Its decoder file is the pretrained one otherwise."""
     input:
         scenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("tune")),
         corr=expand_scenes("results/{dataset}/{scene}/correspondences/pairs.parquet", protocol("tune")),
@@ -11,6 +12,7 @@ rule stage1:
         mcorr=expand_scenes("results/{dataset}/{scene}/correspondences/pairs.parquet", protocol("eval")),
     output:
         encoder=TUNED_ENCODER,
+        decoder=STAGE1_DECODER,
         curve=f"results/vae/{VAE['name']}/stage1/curve.csv",
         consistency=f"results/vae/{VAE['name']}/stage1/consistency.json",
     params:
@@ -38,9 +40,10 @@ rule stage1:
 
 
 rule stage3:
-    """VAE-RF alignment: fine-tune the decoder on latents rendered by the tuning scenes' `enc` fields."""
+    """VAE-RF alignment: fine-tune stage 1's decoder on latents rendered by the tuning scenes' `enc` fields."""
     input:
         encoder=TUNED_ENCODER,
+        decoder=STAGE1_DECODER,
         scenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("tune")),
         fields=expand_scenes("results/{dataset}/{scene}/fields/enc/field.safetensors", protocol("tune")),
         mscenes=expand_scenes("results/{dataset}/{scene}/prepared/scene.json", protocol("eval")),
@@ -50,7 +53,7 @@ rule stage3:
         curve=f"results/vae/{VAE['name']}/stage3/curve.csv",
         alignment=f"results/vae/{VAE['name']}/stage3/alignment.json",
     params:
-        vae=lambda wc: vae_spec(encoder=True),
+        vae=lambda wc: vae_spec(encoder=True, decoder=STAGE1_DECODER),
         weights=WEIGHTS_DIR,
         pairs=lambda wc, input: " ".join(f"--scene {s} --field {f}" for s, f in zip(input.scenes, input.fields)),
         measure=lambda wc, input: " ".join(f"--measure-scene {s} --measure-field {f}"
