@@ -45,6 +45,7 @@ from torch import Tensor
 from .project import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
 
 _MARGIN = 1e-3  # relative/absolute slack on spans: they must be supersets
+_CAP_SCALE = 1.0  # records allocated, relative to the forward's estimate of the pairs
 # The former vectorised compositor switched its backward strategy at this many channels;
 # the compiled one has a single path.  Kept because tests/test_render.py patches it.
 _FEW_CHANNELS = 4
@@ -133,8 +134,9 @@ def _forward(mx, my, a, b, c, op, order, F, bg, pxs, pys, cst, t_min, log_thr, m
     cap = int(cap_scale * est)
     Fk = np.empty((n, C), F.dtype)
     for k in range(n):
+        g = order[k]
         for ch in range(C):
-            Fk[k, ch] = F[order[k], ch]
+            Fk[k, ch] = F[g, ch]
     rec = np.empty(cap, np.int32)
     ra = np.empty(cap, cst.dtype)
     off = np.zeros(n + 1, np.int64)
@@ -306,7 +308,7 @@ class _Composite(torch.autograd.Function):
         cst = np.array([0.5, ALPHA_THRESHOLD, MAX_ALPHA], dtype=ndt)
         image = np.empty((height, width, C), ndt)
         t_final = np.empty((height, width))
-        scale = 1.0
+        scale = _CAP_SCALE
         while True:
             m, off, rec, ra, Fk = _forward(*cols, o.numpy(), F, _np(background, dt), pxs, pys,
                                            cst, TRANSMITTANCE_THRESHOLD,
