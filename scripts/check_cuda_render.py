@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check that the gsplat (CUDA) and pure-PyTorch CPU rasterizers agree.
+"""Check that the gsplat (CUDA) and our CPU rasterizers agree.
 
 For a CUDA machine with gsplat installed: renders seeded random scenes with
 both backends (gsplat on the GPU, ``cpu`` on host copies of the same float32
@@ -124,7 +124,7 @@ def check_scene(n: int, c: int, w: int, h: int, seed: int, tol: float, repeats: 
     res[f"ms_fwd_bwd_{cand_backend}"] = _timed(run(cand_backend, cand_device), repeats, cuda=cuda)
     res["ms_fwd_bwd_cpu"] = _timed(run("cpu", "cpu"), repeats, cuda=False)
     if cuda:
-        try:  # informative only: the pure-PyTorch path run on the GPU
+        try:  # informative only: the cpu backend given CUDA tensors
             res["ms_fwd_bwd_cpu_path_on_cuda"] = _timed(run("cpu", "cuda"), repeats, cuda=True)
         except Exception as e:  # noqa: BLE001 - report, do not fail the check
             res["ms_fwd_bwd_cpu_path_on_cuda"] = f"failed: {type(e).__name__}: {e}"

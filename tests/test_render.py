@@ -387,3 +387,117 @@ def test_empty_scene_and_zero_cotangents():
     (out.image * 0.0).sum().backward()
     for k in PARAMS:
         assert p[k].grad is not None and (p[k].grad == 0).all(), k
+
+
+# --- the compiled (numba) rasterizer: projection identical to the reference's, edge
+# cases of compositing, repeatability across thread counts, the record-capacity retry ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_projection_is_bit_identical(dtype):
+    """The cpu backend's compiled projection runs the reference's operations in the
+    same order and dtype: every output is equal, not just close."""
+    from lrf.render.project import project_gaussians_fused
+
+    for scene in (mixed_scene(1500, 3, 40, 30, seed=31, dtype=dtype),
+                  make_scene(5000, 3, 63, 47, seed=32, dtype=dtype)):
+        args = [scene[k] for k in ("means", "quats", "scales", "opacities", "viewmat", "K",
+                                   "width", "height")]
+        a, b = project_gaussians(*args), project_gaussians_fused(*args)
+        for k in ("means2d", "conics", "depths", "radii", "visible"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def _stack_scene(ops: list[float]):
+    """Identical round Gaussians one behind the other (opacities ``ops``, front
+    first), centred on pixel (4, 4)."""
+    W = H = 9
+    n = len(ops)
+    K = torch.tensor([[10.0, 0, W / 2], [0, 10.0, H / 2], [0, 0, 1]], dtype=torch.float64)
+    z = 2.0 + 0.1 * torch.arange(n, dtype=torch.float64)
+    return dict(means=torch.stack([torch.zeros(n, dtype=torch.float64)] * 2 + [z], 1),
+                quats=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
+                scales=0.2 * z[:, None].expand(n, 3).contiguous(),
+                opacities=torch.tensor(ops, dtype=torch.float64),
+                features=torch.randn(n, 3, dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(n)),
+                background=torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64),
+                viewmat=torch.eye(4, dtype=torch.float64), K=K, width=W, height=H)
+
+
+@pytest.mark.parametrize("front", [0.97, 0.9999])
+def test_early_termination_and_saturation(front):
+    """At the centre, T = prod (1 - alpha): behind a first Gaussian of alpha 0.97 (or
+    0.9999, clamped to 0.99: no gradient to that pair's sigma and opacity), ones of
+    alpha 0.97 take T to 9e-4 (3e-4), then 2.7e-5 (9e-6) <= 1e-4: that third pair and
+    all later ones are excluded."""
+    scene = _stack_scene([front, 0.97, 0.97, 0.97, 0.97])
+    ref, gref = render_with_grads(scene, "reference")
+    out, gout = render_with_grads(scene, "cpu")
+    a0 = min(front, 0.99)
+    f = scene["features"]
+    want = a0 * f[0] + (1 - a0) * 0.97 * f[1] + (1 - a0) * 0.03 * scene["background"]
+    assert torch.allclose(out.image[4, 4], want, rtol=1e-12)
+    assert out.alpha[4, 4].item() == pytest.approx(1 - (1 - a0) * 0.03, abs=1e-12)
+    assert rel_err(out.image, ref.image) < 1e-12
+    for k in gref:
+        assert rel_err(gout[k], gref[k]) < 1e-9, k
+
+
+def test_culled_gaussians_get_zero_gradients():
+    scene = mixed_scene(500, 4, 24, 18, seed=33)
+    out, grads = render_with_grads(scene, "cpu")
+    culled = out.radii == 0
+    assert culled.sum() >= 4
+    for k in ("means", "quats", "scales", "opacities", "features", "means2d"):
+        assert (grads[k][culled] == 0).all(), k
+        assert (grads[k][~culled] != 0).any(), k
+
+
+def test_bit_repeatable_across_thread_counts():
+    """Compiled loops run on one thread in a fixed order: torch's thread count changes
+    no bit (the fault tests resume runs and compare bytes)."""
+    scene = mixed_scene(1500, 8, 30, 22, seed=34, dtype=torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(render_with_grads(scene, "cpu"))
+    finally:
+        torch.set_num_threads(before)
+    for out, grads in results[1:]:
+        assert torch.equal(out.image, results[0][0].image)
+        assert torch.equal(out.alpha, results[0][0].alpha)
+        for k in grads:
+            assert torch.equal(grads[k], results[0][1][k]), k
+
+
+def test_record_capacity_retry_changes_nothing(monkeypatch):
+    """More composited pairs than the forward's estimate: it is called again with room
+    for them, and the result is the same."""
+    import lrf.render.cpu as cpu_mod
+
+    scene = mixed_scene(600, 3, 26, 19, seed=35)
+    ref = render_with_grads(scene, "cpu")
+    calls = []
+    real = cpu_mod._forward
+
+    def spy(*args):
+        calls.append(args[15])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_mod, "_forward", spy)
+    monkeypatch.setattr(cpu_mod, "_CAP_SCALE", 1e-3)
+    out = render_with_grads(scene, "cpu")
+    assert len(calls) > 1
+    assert torch.equal(out[0].image, ref[0].image)
+    for k in ref[1]:
+        assert torch.equal(out[1][k], ref[1][k]), k
+
+
+def test_compositor_rejects_oversized_images():
+    z = torch.zeros(0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="exceeds"):
+        composite_cpu(z.reshape(0, 2), z.reshape(0, 3), z, z.reshape(0, 1), z.new_zeros(1),
+                      z.long(), 1 << 16, 4)

@@ -3,13 +3,13 @@
 One entry point, :func:`rasterize`, with interchangeable backends so training
 code is identical on a laptop CPU and on a CUDA box:
 
-* ``"cpu"``: fast pair-list rasterizer with a hand-written backward (any device
-  that PyTorch runs on, tuned for CPU);
+* ``"cpu"``: our rasterizer, compiled CPU loops (numba) with hand-written
+  backwards (tensors on another device are copied to the CPU and back);
 * ``"reference"``: dense brute force, ground truth for tests;
 * ``"gsplat"``: ``gsplat.rasterization`` (CUDA only, imported lazily);
 * ``"auto"``: gsplat for CUDA tensors, ``"cpu"`` otherwise.  On CUDA there is no
   silent fallback: if gsplat cannot load its kernels, :class:`GsplatError` says why
-  (the pure-PyTorch rasterizer on a GPU is ~100x slower; ask for it with ``"cpu"``).
+  (rendering on the CPU instead is far slower; ask for it with ``"cpu"``).
 
 CPU tensors never import gsplat (not even its Python parts).
 """
@@ -35,7 +35,7 @@ def resolve_backend(backend: str, device: torch.device, who: str = "") -> str:
 
     Returns "gsplat", "cpu" or "reference"; a one-line InputError / GsplatError (prefixed with
     `who`, e.g. ``llff/fern``) where the setting cannot be honoured: gsplat on the CPU, or gsplat
-    on CUDA without its kernels (no silent fallback to the ~100x slower pure-PyTorch path)."""
+    on CUDA without its kernels (no silent fallback to the far slower CPU rasterizer)."""
     prefix = f"{who}: " if who else ""
     if backend not in BACKENDS:
         raise InputError(f"{prefix}backend: unknown {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -44,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device, who: str = "") -> str:
     if device.type == "cuda" and backend in ("auto", "gsplat"):
         problem = gsplat_problem(device)
         if problem:
-            raise GsplatError(f"{prefix}{problem}; `backend: cpu` renders with the pure-PyTorch rasterizer instead")
+            raise GsplatError(f"{prefix}{problem}; `backend: cpu` renders with the CPU rasterizer instead")
         return "gsplat"
     return "cpu" if backend == "auto" else backend
 
@@ -96,8 +96,8 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, f
         return rasterize_gsplat(means, quats, scales, opacities, features, viewmat, K, width,
                                 height, background, near, far, eps2d)
 
-    # The fast path differentiates the projection by hand; the reference keeps autograd
-    # (same forward values), so the tests check one against the other.
+    # The cpu backend projects in compiled loops with a hand-written backward; the reference
+    # keeps autograd (bit-identical forward values), so the tests check one against the other.
     project = project_gaussians_fused if backend == "cpu" else project_gaussians
     proj = project(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
     means2d = proj.means2d

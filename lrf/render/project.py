@@ -36,7 +36,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from lrf.settings import EPS2D  # the screen-space blur added to the 2D covariance (non-antialiased)
@@ -125,14 +127,8 @@ def project_gaussians(
 
     The camera is a constant (no gradient to viewmat or K).  Gradients go
     through autograd (the reference's path); :func:`project_gaussians_fused`
-    computes the very same values with a hand-written backward.
+    computes the very same values in compiled loops with a hand-written backward.
     """
-    return _project(means, quats, scales, opacities, viewmat, K, width, height, near, far,
-                    eps2d)[0]
-
-
-def _project(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d):
-    """The projection, plus the intermediates that _FusedProjection.backward reuses."""
     V = viewmat.detach().double().cpu().tolist()  # constants: no grad to the camera
     fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
     m0, m1, m2 = means.unbind(-1)
@@ -143,13 +139,9 @@ def _project(means, quats, scales, opacities, viewmat, K, width, height, near, f
     rz = z.clamp(near, far).reciprocal()
 
     # Clamp x/z, y/z to 1.3x the field of view for the Jacobian only (as gsplat).
-    tan_fovx = 0.5 * width / fx
-    tan_fovy = 0.5 * height / fy
-    lim_x = (-(cx / fx + 0.3 * tan_fovx), (width - cx) / fx + 0.3 * tan_fovx)
-    lim_y = (-(cy / fy + 0.3 * tan_fovy), (height - cy) / fy + 0.3 * tan_fovy)
-    ux, uy = x * rz, y * rz
-    txz = ux.clamp(*lim_x)  # = tx / z
-    tyz = uy.clamp(*lim_y)
+    lim_x, lim_y = _fov_limits(width, height, fx, fy, cx, cy)
+    txz = (x * rz).clamp(*lim_x)  # = tx / z
+    tyz = (y * rz).clamp(*lim_y)
 
     # Sigma_2d = T T^T with T = J Rv R(q) diag(s) (2x3), J = [[fx/z, 0, -fx tx/z^2],
     # [0, fy/z, -fy ty/z^2]], all as elementwise ops on [N] columns.
@@ -157,8 +149,7 @@ def _project(means, quats, scales, opacities, viewmat, K, width, height, near, f
     j11, j12 = fy * rz, -fy * tyz * rz
     A0 = [j00 * V[0][k] + j02 * V[2][k] for k in range(3)]  # row 0 of J Rv
     A1 = [j11 * V[1][k] + j12 * V[2][k] for k in range(3)]  # row 1 of J Rv
-    qrows = quats.t().contiguous().unbind(0)  # contiguous w, x, y, z (strided ops: ~3x slower)
-    r = _rotmat(*qrows)
+    r = _rotmat_columns(quats)
     sc = scales.unbind(-1)
     M0 = [A0[0] * r[0][j] + A0[1] * r[1][j] + A0[2] * r[2][j] for j in range(3)]  # J Rv R
     M1 = [A1[0] * r[0][j] + A1[1] * r[1][j] + A1[2] * r[2][j] for j in range(3)]
@@ -176,9 +167,7 @@ def _project(means, quats, scales, opacities, viewmat, K, width, height, near, f
         ok = in_depth & (det > 0) & (opacities >= ALPHA_THRESHOLD)
         finite = torch.isfinite(mx) & torch.isfinite(my) & torch.isfinite(det)
         ok &= finite
-        # Opacity-aware extent (in sigmas) at which alpha falls to 1/255.
-        q = 2.0 * torch.log(opacities.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)
-        extend = q.sqrt().clamp_max(EXTEND_CAP)
+        extend = _extent(opacities)
         rx = torch.ceil(extend * s_xx.clamp_min(0).sqrt())
         ry = torch.ceil(extend * s_yy.clamp_min(0).sqrt())
         ok &= ~((mx + rx <= 0) | (mx - rx >= width) | (my + ry <= 0) | (my - ry >= height))
@@ -187,145 +176,307 @@ def _project(means, quats, scales, opacities, viewmat, K, width, height, near, f
         radii = torch.ceil(3.0 * lam_max.clamp_min(0).sqrt())
         radii = torch.where(ok, radii, torch.zeros_like(radii)).to(torch.int32)
 
-    # Culled entries are zeroed by a product with the 0/1 mask (a where() is ~20x
-    # slower on CPU); only non-finite values need the where().  The [k, N] rows
-    # are returned transposed: [N, k] views whose columns are contiguous.
+    # Culled entries are zeroed by a product with the 0/1 mask; only non-finite
+    # values need the where().
     inv_det = torch.where(ok, det, torch.ones_like(det)).reciprocal()
     okf = ok.to(det.dtype)
-    conics = torch.stack([s_yy, -s_xy, s_xx]) * (inv_det * okf)
-    means2d = torch.stack([mx, my]) * okf
+    conics = torch.stack([s_yy, -s_xy, s_xx], -1) * (inv_det * okf)[:, None]
+    means2d = torch.stack([mx, my], -1) * okf[:, None]
     if not bool(finite.all()):
-        conics = torch.where(ok, conics, 0.0)
-        means2d = torch.where(ok, means2d, 0.0)
-    proj = Projected(means2d=means2d.t(), conics=conics.t(), depths=z, radii=radii, visible=ok)
-    saved = dict(V=V, f=(fx, fy), lim=(lim_x, lim_y), x=x, y=y, rz=rz, in_depth=in_depth,
-                 u=(ux, uy), t=(txz, tyz), A=(A0, A1), q=qrows, r=r, M=(M0, M1), T=(T0, T1),
-                 s=(s_xx, s_xy, s_yy), inv_det=inv_det, okf=okf)
-    return proj, saved
+        conics = torch.where(ok[:, None], conics, 0.0)
+        means2d = torch.where(ok[:, None], means2d, 0.0)
+    return Projected(means2d=means2d, conics=conics, depths=z, radii=radii, visible=ok)
 
 
-class _FusedProjection(torch.autograd.Function):
-    """:func:`project_gaussians` with a hand-written backward.
+def _fov_limits(width, height, fx, fy, cx, cy):
+    """Bounds of x/z and y/z in the Jacobian: 1.3x the field of view (as gsplat)."""
+    tan_fovx = 0.5 * width / fx
+    tan_fovy = 0.5 * height / fy
+    return ((-(cx / fx + 0.3 * tan_fovx), (width - cx) / fx + 0.3 * tan_fovx),
+            (-(cy / fy + 0.3 * tan_fovy), (height - cy) / fy + 0.3 * tan_fovy))
 
-    Autograd through the ~100 elementwise [N] ops of the projection records a
-    node per op; on a CPU that bookkeeping costs more than the arithmetic.
-    The forward runs the same code (so values are bit-identical); the
-    backward is the chain rule written out on [N] columns.
-    """
 
-    @staticmethod
-    def forward(ctx, means, quats, scales, opacities, viewmat, K, width, height, near, far,
-                eps2d):
-        proj, sv = _project(means, quats, scales, opacities, viewmat, K, width, height, near,
-                            far, eps2d)
-        ctx.sv = sv
-        ctx.save_for_backward(quats, scales)
-        ctx.mark_non_differentiable(proj.radii, proj.visible)
-        return proj.means2d, proj.conics, proj.depths, proj.radii, proj.visible
+def _extent(opacities: Tensor) -> Tensor:
+    """Opacity-aware extent (in sigmas) at which alpha falls to 1/255, capped."""
+    q = 2.0 * torch.log(opacities.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)
+    return q.sqrt().clamp_max(EXTEND_CAP)
 
-    @staticmethod
-    def backward(ctx, g_means2d, g_conics, g_depths, _g_radii, _g_visible):
-        quats, scales = ctx.saved_tensors
-        sv = ctx.sv
-        V, (fx, fy), okf = sv["V"], sv["f"], sv["okf"]
-        x, y, rz = sv["x"], sv["y"], sv["rz"]
-        zero = torch.zeros_like(rz)
-        # Culled entries were zeroed in the forward: their gradients are 0 (a product
-        # with the mask; [N, k] cotangents are read by column).
-        g_mx, g_my = ((g * okf for g in g_means2d.unbind(1)) if g_means2d is not None
-                      else (zero, zero))
-        g_ca, g_cb, g_cc = ((g * okf for g in g_conics.unbind(1)) if g_conics is not None
-                            else (zero,) * 3)
 
+# --- the compiled projection (the cpu backend's) ----------------------------------------
+#
+# Per Gaussian, the same operations in the same order and dtype as project_gaussians
+# (Python scalars rounded to the dtype first, as torch does; no fused multiply-adds), so
+# means2d, conics, depths and radii are bit-identical to it; only the log of the extent is
+# left to torch (libm and torch may differ in its last bit).  The backward is the chain rule
+# in float64.
+
+_NKW = dict(cache=True, nogil=True, error_model="numpy")
+
+
+def _constants(viewmat, K, width, height, near, far, eps2d, dtype) -> tuple:
+    """The projection's scalars in ``dtype`` (a tuple: no array reaches the per-Gaussian
+    helper, whose array arguments would cost reference counting per call)."""
+    V = viewmat.detach().double().cpu().tolist()
+    fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+    (lx0, lx1), (ly0, ly1) = _fov_limits(width, height, fx, fy, cx, cy)
+    vals = ([V[i][j] for i in range(3) for j in range(4)]
+            + [fx, fy, cx, cy, -fx, -fy, near, far, lx0, lx1, ly0, ly1, eps2d,
+               ALPHA_THRESHOLD, width, height, 1e-24, 1.0, 2.0, 0.5, 3.0, 0.0])
+    return tuple(np.array(vals, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+@njit(**_NKW)
+def _project_one(m0, m1, m2, qw, qx, qy, qz, s0, s1, s2, cs):
+    """One Gaussian through project_gaussians' operations (see above); returns
+    the intermediates the backward needs, in the inputs' dtype."""
+    x = m0 * cs[0] + m1 * cs[1] + m2 * cs[2] + cs[3]
+    y = m0 * cs[4] + m1 * cs[5] + m2 * cs[6] + cs[7]
+    z = m0 * cs[8] + m1 * cs[9] + m2 * cs[10] + cs[11]
+    fx, fy, cx, cy, nfx, nfy = cs[12], cs[13], cs[14], cs[15], cs[16], cs[17]
+    one, two = cs[29], cs[30]
+    rz = one / min(max(z, cs[18]), cs[19])
+    ux = x * rz
+    uy = y * rz
+    txz = min(max(ux, cs[20]), cs[21])
+    tyz = min(max(uy, cs[22]), cs[23])
+    j00 = fx * rz
+    j02 = nfx * txz * rz
+    j11 = fy * rz
+    j12 = nfy * tyz * rz
+    a00 = j00 * cs[0] + j02 * cs[8]
+    a01 = j00 * cs[1] + j02 * cs[9]
+    a02 = j00 * cs[2] + j02 * cs[10]
+    a10 = j11 * cs[4] + j12 * cs[8]
+    a11 = j11 * cs[5] + j12 * cs[9]
+    a12 = j11 * cs[6] + j12 * cs[10]
+    # R(q) as _rotmat.
+    ww, xx, yy, zz = qw * qw, qx * qx, qy * qy, qz * qz
+    inv = one / max(ww + xx + yy + zz, cs[28])
+    inv2 = two * inv
+    xy, wz, xz, wy, yz, wx = qx * qy, qw * qz, qx * qz, qw * qy, qy * qz, qw * qx
+    r00 = (ww + xx - yy - zz) * inv
+    r01 = (xy - wz) * inv2
+    r02 = (xz + wy) * inv2
+    r10 = (xy + wz) * inv2
+    r11 = (ww - xx + yy - zz) * inv
+    r12 = (yz - wx) * inv2
+    r20 = (xz - wy) * inv2
+    r21 = (yz + wx) * inv2
+    r22 = (ww - xx - yy + zz) * inv
+    m00 = a00 * r00 + a01 * r10 + a02 * r20
+    m01 = a00 * r01 + a01 * r11 + a02 * r21
+    m02 = a00 * r02 + a01 * r12 + a02 * r22
+    m10 = a10 * r00 + a11 * r10 + a12 * r20
+    m11 = a10 * r01 + a11 * r11 + a12 * r21
+    m12 = a10 * r02 + a11 * r12 + a12 * r22
+    t00, t01, t02 = m00 * s0, m01 * s1, m02 * s2
+    t10, t11, t12 = m10 * s0, m11 * s1, m12 * s2
+    s_xx = t00 * t00 + t01 * t01 + t02 * t02 + cs[24]
+    s_xy = t00 * t10 + t01 * t11 + t02 * t12
+    s_yy = t10 * t10 + t11 * t11 + t12 * t12 + cs[24]
+    det = s_xx * s_yy - s_xy * s_xy
+    mx = fx * x * rz + cx
+    my = fy * y * rz + cy
+    return ((x, y, z, rz, ux, uy, txz, tyz), (a00, a01, a02, a10, a11, a12),
+            (r00, r01, r02, r10, r11, r12, r20, r21, r22),
+            (m00, m01, m02, m10, m11, m12), (t00, t01, t02, t10, t11, t12),
+            (s_xx, s_xy, s_yy, det, mx, my))
+
+
+@njit(**_NKW)
+def _project_kernel(means, quats, scales, opacities, extend, cs, means2d, conics, radii,
+                    visible, depths):
+    """Projection of every Gaussian into [2,N] means2d, [3,N] conics, radii, visible, depths."""
+    near, far, thr, width, height = cs[18], cs[19], cs[25], cs[26], cs[27]
+    half, three, one, zero = cs[31], cs[32], cs[29], cs[33]
+    for i in range(means.shape[0]):
+        xyz, _, _, _, _, sd = _project_one(
+            means[i, 0], means[i, 1], means[i, 2], quats[i, 0], quats[i, 1], quats[i, 2],
+            quats[i, 3], scales[i, 0], scales[i, 1], scales[i, 2], cs)
+        z = xyz[2]
+        s_xx, s_xy, s_yy, det, mx, my = sd
+        depths[i] = z
+        ok = (z > near and z < far and det > 0 and opacities[i] >= thr
+              and np.isfinite(mx) and np.isfinite(my) and np.isfinite(det))
+        if ok:
+            rx = np.ceil(extend[i] * np.sqrt(max(s_xx, zero)))
+            ry = np.ceil(extend[i] * np.sqrt(max(s_yy, zero)))
+            ok = not (mx + rx <= 0 or mx - rx >= width or my + ry <= 0 or my - ry >= height)
+        visible[i] = ok
+        if not ok:
+            radii[i] = 0
+            means2d[0, i] = means2d[1, i] = 0
+            conics[0, i] = conics[1, i] = conics[2, i] = 0
+            continue
+        half_tr = half * (s_xx + s_yy)
+        lam_max = half_tr + np.sqrt(max(half_tr * half_tr - det, zero))
+        radii[i] = np.int32(np.ceil(three * np.sqrt(max(lam_max, zero))))
+        inv_det = one / det
+        means2d[0, i] = mx
+        means2d[1, i] = my
+        conics[0, i] = s_yy * inv_det
+        conics[1, i] = -s_xy * inv_det
+        conics[2, i] = s_xx * inv_det
+
+
+@njit(**_NKW)
+def _project_backward_kernel(means, quats, scales, visible, cs, g_means2d, g_conics, g_depths,
+                             g_means, g_quats, g_scales):
+    """Chain rule of the projection (float64) from cotangents of means2d [N,2], conics
+    [N,3] and depths [N]; culled Gaussians only pass the depth cotangent."""
+    v = cs
+    fx, fy = float(cs[12]), float(cs[13])
+    g_m0, g_m1, g_a0, g_a1 = np.empty(3), np.empty(3), np.empty(3), np.empty(3)
+    g_r = np.empty((3, 3))
+    for i in range(means.shape[0]):
+        g_z = float(g_depths[i])
+        if not visible[i]:
+            for k in range(3):
+                g_means[i, k] = g_z * float(v[8 + k])
+                g_scales[i, k] = 0
+            for k in range(4):
+                g_quats[i, k] = 0
+            continue
+        qw, qx, qy, qz = quats[i, 0], quats[i, 1], quats[i, 2], quats[i, 3]
+        sc = (float(scales[i, 0]), float(scales[i, 1]), float(scales[i, 2]))
+        xyz, A, R, M, T, sd = _project_one(means[i, 0], means[i, 1], means[i, 2], qw, qx, qy,
+                                           qz, scales[i, 0], scales[i, 1], scales[i, 2], cs)
+        x, y, rz = float(xyz[0]), float(xyz[1]), float(xyz[3])
+        txz, tyz = float(xyz[6]), float(xyz[7])
+        pass_x = xyz[6] == xyz[4]  # the clamp of x/z passes its gradient
+        pass_y = xyz[7] == xyz[5]
+        s_xx, s_xy, s_yy = float(sd[0]), float(sd[1]), float(sd[2])
+        idet = 1.0 / float(sd[3])
+        g_mx, g_my = float(g_means2d[i, 0]), float(g_means2d[i, 1])
+        g_ca, g_cb, g_cc = float(g_conics[i, 0]), float(g_conics[i, 1]), float(g_conics[i, 2])
         # conic = (s_yy, -s_xy, s_xx) / det, det = s_xx s_yy - s_xy^2.
-        s_xx, s_xy, s_yy = sv["s"]
-        idet = sv["inv_det"]
         g_det = -(idet * idet) * (g_ca * s_yy - g_cb * s_xy + g_cc * s_xx)
         g_sxx = g_cc * idet + g_det * s_yy
         g_syy = g_ca * idet + g_det * s_xx
         g_sxy = -(g_cb * idet) - 2.0 * g_det * s_xy
-        # s = T T^T + eps2d I, T = M diag(scales), M = (J Rv) R.
-        T0, T1 = sv["T"]
-        M0, M1 = sv["M"]
-        sc = scales.unbind(-1)
-        g_scales = torch.empty_like(scales)
-        g_M0, g_M1 = [], []
-        g_sxx2, g_syy2 = 2.0 * g_sxx, 2.0 * g_syy
+        # s = T T^T + eps2d I, T = M diag(scales), M = A R.
         for j in range(3):
-            g_t0 = g_sxx2 * T0[j] + g_sxy * T1[j]
-            g_t1 = g_syy2 * T1[j] + g_sxy * T0[j]
-            torch.add(g_t0 * M0[j], g_t1 * M1[j], out=g_scales[:, j])
-            g_M0.append(g_t0 * sc[j])
-            g_M1.append(g_t1 * sc[j])
-        A0, A1 = sv["A"]
-        r = sv["r"]
-        g_A0 = [g_M0[0] * r[k][0] + g_M0[1] * r[k][1] + g_M0[2] * r[k][2] for k in range(3)]
-        g_A1 = [g_M1[0] * r[k][0] + g_M1[1] * r[k][1] + g_M1[2] * r[k][2] for k in range(3)]
-        g_r = [[g_M0[j] * A0[k] + g_M1[j] * A1[k] for j in range(3)] for k in range(3)]
+            t0, t1 = float(T[j]), float(T[3 + j])
+            g_t0 = 2.0 * g_sxx * t0 + g_sxy * t1
+            g_t1 = 2.0 * g_syy * t1 + g_sxy * t0
+            g_scales[i, j] = g_t0 * float(M[j]) + g_t1 * float(M[3 + j])
+            g_m0[j] = g_t0 * sc[j]
+            g_m1[j] = g_t1 * sc[j]
+        for k in range(3):
+            g_a0[k] = (g_m0[0] * float(R[3 * k]) + g_m0[1] * float(R[3 * k + 1])
+                       + g_m0[2] * float(R[3 * k + 2]))
+            g_a1[k] = (g_m1[0] * float(R[3 * k]) + g_m1[1] * float(R[3 * k + 1])
+                       + g_m1[2] * float(R[3 * k + 2]))
+            for j in range(3):
+                g_r[k, j] = g_m0[j] * float(A[k]) + g_m1[j] * float(A[3 + k])
         # A0 = j00 Rv0 + j02 Rv2, A1 = j11 Rv1 + j12 Rv2.
-        g_j00 = g_A0[0] * V[0][0] + g_A0[1] * V[0][1] + g_A0[2] * V[0][2]
-        g_j02 = g_A0[0] * V[2][0] + g_A0[1] * V[2][1] + g_A0[2] * V[2][2]
-        g_j11 = g_A1[0] * V[1][0] + g_A1[1] * V[1][1] + g_A1[2] * V[1][2]
-        g_j12 = g_A1[0] * V[2][0] + g_A1[1] * V[2][1] + g_A1[2] * V[2][2]
+        g_j00 = g_j02 = g_j11 = g_j12 = 0.0
+        for k in range(3):
+            g_j00 += g_a0[k] * float(v[k])
+            g_j02 += g_a0[k] * float(v[8 + k])
+            g_j11 += g_a1[k] * float(v[4 + k])
+            g_j12 += g_a1[k] * float(v[8 + k])
         # j00 = fx rz, j02 = -fx txz rz (same for y); mx = fx x rz + cx (same for y).
-        txz, tyz = sv["t"]
         g_rz = (fx * g_j00 - fx * txz * g_j02 + fy * g_j11 - fy * tyz * g_j12
                 + fx * x * g_mx + fy * y * g_my)
-        # txz = clamp(x rz) passes its gradient where it did not clamp (as autograd's).
-        ux, uy = sv["u"]
-        g_u = (-fx * rz * g_j02).mul_(torch.eq(txz, ux))
-        g_v = (-fy * rz * g_j12).mul_(torch.eq(tyz, uy))
+        g_u = -fx * rz * g_j02 if pass_x else 0.0
+        g_v = -fy * rz * g_j12 if pass_y else 0.0
         g_x = (fx * g_mx + g_u) * rz
         g_y = (fy * g_my + g_v) * rz
-        g_rz = g_rz + x * g_u + y * g_v
-        # rz = 1 / clamp(z): culled Gaussians (the only clamped ones) have g_rz == 0.
-        g_z = -(rz * rz) * g_rz
-        if g_depths is not None:
-            g_z = g_z + g_depths
-        g_means = scales.new_empty(scales.shape)
+        g_rz += x * g_u + y * g_v
+        g_z += -(rz * rz) * g_rz  # visible: z in (near, far), not clamped
         for k in range(3):
-            torch.add(g_x * V[0][k] + g_y * V[1][k], g_z * V[2][k], out=g_means[:, k])
-        g_quats = _rotmat_backward(sv["q"], sv["r"], g_r, torch.empty_like(quats))
-        return (g_means, g_quats, g_scales, None, None, None, None, None, None, None, None)
+            g_means[i, k] = g_x * float(v[k]) + g_y * float(v[4 + k]) + g_z * float(v[8 + k])
+        gq = _rotmat_backward(float(qw), float(qx), float(qy), float(qz), R,
+                              (g_r[0, 0], g_r[0, 1], g_r[0, 2], g_r[1, 0], g_r[1, 1], g_r[1, 2],
+                               g_r[2, 0], g_r[2, 1], g_r[2, 2]))
+        for k in range(4):
+            g_quats[i, k] = gq[k]
 
 
-def _rotmat_backward(q, R: list[list[Tensor]], g_r: list[list[Tensor]], out: Tensor) -> Tensor:
-    """Gradient of _rotmat into ``out`` [N, 4].
+@njit(**_NKW)
+def _rotmat_backward(w, x, y, z, R, g_r):
+    """Gradient of _rotmat (R and g_R as row-major 9-tuples), as (dL/dw, dL/dx, dL/dy, dL/dz).
 
     R = Q / n2 with n2 = |q|^2 (clamped at 1e-24) and, for q = (w, v),
     Q = (w^2 - v.v) I + 2 v v^T + 2 w [v]x.  With G = dL/dQ = g_R / n2:
     dL/dw = 2 w tr G + 2 v.a and dL/dv = 2 (G + G^T) v - 2 tr(G) v + 2 w a,
     a = (G21 - G12, G02 - G20, G10 - G01); plus 2 q dL/dn2, dL/dn2 = -sum(g_R R) / n2.
     """
-    w, x, y, z = q
     n2 = w * w + x * x + y * y + z * z
-    inv = n2.clamp_min(1e-24).reciprocal()
-    G = [[g * inv for g in row] for row in g_r]
-    g_n2 = -(sum(g_r[k][j] * R[k][j] for k in range(3) for j in range(3)) * inv)
-    g_n2.mul_(n2 >= 1e-24)
-    tr = G[0][0] + G[1][1] + G[2][2]
-    a = (G[2][1] - G[1][2], G[0][2] - G[2][0], G[1][0] - G[0][1])
-    v = (x, y, z)
-    S = [[G[k][j] + G[j][k] for j in range(3)] for k in range(3)]
+    inv = 1.0 / max(n2, 1e-24)
+    g_n2 = 0.0
+    for k in range(9):
+        g_n2 -= g_r[k] * float(R[k])
+    g_n2 = g_n2 * inv if n2 >= 1e-24 else 0.0
+    G00, G01, G02 = g_r[0] * inv, g_r[1] * inv, g_r[2] * inv
+    G10, G11, G12 = g_r[3] * inv, g_r[4] * inv, g_r[5] * inv
+    G20, G21, G22 = g_r[6] * inv, g_r[7] * inv, g_r[8] * inv
+    tr = G00 + G11 + G22
+    a0, a1, a2 = G21 - G12, G02 - G20, G10 - G01
     d = g_n2 - tr  # common factor of v: -tr G + dL/dn2
-    torch.mul(w * (tr + g_n2) + x * a[0] + y * a[1] + z * a[2], 2.0, out=out[:, 0])
-    for k in range(3):
-        sv_k = S[k][0] * x + S[k][1] * y + S[k][2] * z
-        torch.mul(sv_k + v[k] * d + w * a[k], 2.0, out=out[:, k + 1])
-    return out
+    g_w = 2.0 * (w * (tr + g_n2) + x * a0 + y * a1 + z * a2)
+    g_x = 2.0 * (2.0 * G00 * x + (G01 + G10) * y + (G02 + G20) * z + x * d + w * a0)
+    g_y = 2.0 * ((G10 + G01) * x + 2.0 * G11 * y + (G12 + G21) * z + y * d + w * a1)
+    g_z = 2.0 * ((G20 + G02) * x + (G21 + G12) * y + 2.0 * G22 * z + z * d + w * a2)
+    return g_w, g_x, g_y, g_z
+
+
+def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Contiguous CPU numpy array in ``dtype`` (a copy only where needed)."""
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+class _FusedProjection(torch.autograd.Function):
+    """:func:`project_gaussians` in compiled loops, with a hand-written backward.
+
+    Autograd through the ~100 elementwise [N] ops of the projection records a
+    node per op; on a CPU that bookkeeping costs more than the arithmetic.
+    The forward computes bit-identical values (see above), the backward
+    recomputes the per-Gaussian intermediates and applies the chain rule.
+    """
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, viewmat, K, width, height, near, far,
+                eps2d):
+        dt, dev = means.dtype, means.device
+        N = means.shape[0]
+        cs = _constants(viewmat, K, width, height, near, far, eps2d, dt)
+        arrays = [_np(t, dt) for t in (means, quats, scales)]
+        ndt = arrays[0].dtype
+        means2d, conics = np.empty((2, N), ndt), np.empty((3, N), ndt)
+        radii, visible, depths = np.empty(N, np.int32), np.empty(N, np.bool_), np.empty(N, ndt)
+        _project_kernel(*arrays, _np(opacities, dt), _np(_extent(opacities.detach()), dt), cs,
+                        means2d, conics, radii, visible, depths)
+        ctx.np = (arrays, visible, cs)
+        ctx.meta = (dev, dt)
+        out = [torch.from_numpy(v).to(dev) for v in (means2d, conics, depths, radii, visible)]
+        ctx.mark_non_differentiable(out[3], out[4])
+        # [N, k] views of [k, N] rows: the compositor reads them by column.
+        return out[0].t(), out[1].t(), out[2], out[3], out[4]
+
+    @staticmethod
+    def backward(ctx, g_means2d, g_conics, g_depths, _g_radii, _g_visible):
+        (means, quats, scales), visible, cs = ctx.np
+        dev, dt = ctx.meta
+        N, ndt = means.shape[0], means.dtype
+        g2 = _np(g_means2d, dt) if g_means2d is not None else np.zeros((N, 2), ndt)
+        gc = _np(g_conics, dt) if g_conics is not None else np.zeros((N, 3), ndt)
+        gd = _np(g_depths, dt) if g_depths is not None else np.zeros(N, ndt)
+        outs = np.empty((N, 3), ndt), np.empty((N, 4), ndt), np.empty((N, 3), ndt)
+        _project_backward_kernel(means, quats, scales, visible, cs, g2, gc, gd, *outs)
+        g_means, g_quats, g_scales = (torch.from_numpy(v).to(dev) for v in outs)
+        return (g_means, g_quats, g_scales, None, None, None, None, None, None, None, None)
 
 
 def project_gaussians_fused(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                             viewmat: Tensor, K: Tensor, width: int, height: int,
                             near: float = 0.01, far: float = 1e10,
                             eps2d: float = EPS2D) -> Projected:
-    """:func:`project_gaussians` (same values) with a hand-written backward
-    (no gradient to opacities, which only cull here)."""
-    if not torch.is_grad_enabled() or not any(
-            t.requires_grad for t in (means, quats, scales)):
-        return project_gaussians(means, quats, scales, opacities, viewmat, K, width, height,
-                                 near, far, eps2d)
+    """:func:`project_gaussians` (same values) in compiled loops with a hand-written
+    backward (no gradient to opacities, which only cull here)."""
     means2d, conics, depths, radii, visible = _FusedProjection.apply(
-        means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
+        means, quats, scales, opacities, viewmat, K, int(width), int(height), float(near),
+        float(far), float(eps2d))
     return Projected(means2d=means2d, conics=conics, depths=depths, radii=radii,
                      visible=visible)
