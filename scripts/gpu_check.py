@@ -83,7 +83,8 @@ def check_config(out: Path, dry: bool, steps: int, vae_source: str | None) -> di
         "backend": "auto",
         "rgb_downscale": 1,
         "field": {"latent": latent, "rgb": dict(paper["field"]["rgb"], steps=steps)},
-        "stage1": dict(stage),
+        # the paper preset's stage 1 tunes the encoder (and so takes the KL posterior's term)
+        "stage1": dict(stage, tune_encoder=paper["stage1"]["tune_encoder"]),
         "stage3": dict(stage),
         "sfm": ({"max_side": 320, "matcher": "exhaustive", "max_features": 1024, "min_registered": 0.5}
                 if dry else {"max_side": 1024, "matcher": "auto", "max_features": 4096, "min_registered": 0.5}),
