@@ -27,6 +27,19 @@ def _shared_path() -> Path:
     return Path(env).resolve() if env else (Path(__file__).parents[1] / ".." / "shared").resolve()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread (modules opt in with pytestmark): on a shared 2-core box two OpenMP
+    threads that must meet at every op ran the fine-tuning tests 20x slower (10 s instead of
+    0.35 s per step) whenever another job held a core."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO

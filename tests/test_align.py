@@ -13,12 +13,7 @@ from lrf.settings import AlignConfig
 from test_finetune import TinyAE, same, state, tiny_field_scene
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 def _align(a, out, **kw):

@@ -29,15 +29,7 @@ LPIPS_DIR = SHARED / "weights" / "lpips"
 HAVE_TAEF2 = (TAEF2_DIR / "taef2_encoder.pth").is_file()
 
 
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core box two OpenMP threads that must meet at every op
-    ran these tests 20x slower (10 s instead of 0.35 s per step) whenever another job held a core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 class TinyAE(Autoencoder):
@@ -635,6 +627,23 @@ def test_shifted_crop_is_the_window_moved_with_replicate_edges(tmp_path):
     assert torch.equal(near, shift_image(img[:, 16:48, 32:64], 6, 2))
 
 
+def _train_tiny(loss_of, steps: int = 15) -> list[float]:
+    """Adam on every weight of a fresh TinyAE for `steps` steps of loss_of(vae); the losses."""
+    vae = TinyAE(4, seed=0)
+    params = list(vae.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    vals = []
+    for _ in range(steps):
+        loss = loss_of(vae)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vals.append(float(loss.detach()))
+    return vals
+
+
 def test_shift_avg_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
     from lrf.finetune.stage1 import shift_avg_loss, shift_phase
 
@@ -657,18 +666,7 @@ def test_shift_avg_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
         [lossless.encode(x), *[lossless.encode(t) for t in xs]], shifts), clamp=False)
     torch.testing.assert_close(with_lp, l1 + 0.5 * fake(y[..., 16:-8, 16:-8], x[..., 16:-8, 16:-8]).mean())
     # a few Adam steps on the term lower it (decoder and encoder of the tiny conv AE)
-    vae = TinyAE(4, seed=0)
-    params = list(vae.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=3e-3)
-    vals = []
-    for _ in range(15):
-        loss = shift_avg_loss(vae, x, vae.encode(x), xs, shifts)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        vals.append(float(loss.detach()))
+    vals = _train_tiny(lambda vae: shift_avg_loss(vae, x, vae.encode(x), xs, shifts))
     assert vals[-1] < 0.8 * vals[0], vals
 
 
@@ -685,18 +683,7 @@ def test_dec_equiv_loss_is_zero_for_an_equivariant_autoencoder_and_trains():
     tex = torch.from_numpy(smooth_texture(64, 64, 2)).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1) / 255
     lossless = UnshuffleAE()
     assert float(dec_equiv_loss(lossless, tex, lossless.encode(tex), th)) > 0.02
-    vae = TinyAE(4, seed=0)
-    params = list(vae.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=3e-3)
-    vals = []
-    for _ in range(15):
-        loss = dec_equiv_loss(vae, tex, vae.encode(tex), th)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        vals.append(float(loss.detach()))
+    vals = _train_tiny(lambda vae: dec_equiv_loss(vae, tex, vae.encode(tex), th))
     assert vals[-1] < 0.8 * vals[0], vals
 
 

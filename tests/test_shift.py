@@ -12,12 +12,7 @@ from lrf.vae.shift import (GRID_2X2, GRID_4X4, average_shifted, grid_shifts, shi
                            shift_ceiling, shift_ceiling_view, shift_image, shift_latent)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest
 
 
 class PoolAE(Autoencoder):

@@ -10,7 +10,7 @@ from lrf.report.collect import before_after_rows, collect_runs, consistency_sele
 from lrf.report.figures import figure_before_after, figure_field_curves, figure_finetune_curves, figure_metrics, figure_validation
 from lrf.report.grids import grid_image
 from lrf.report.html import html_page, Report, summary_md, tables_md
-from lrf.report.tables import before_after_table, ceiling_table, cost_tables, csv_text, diagnosis_table, failure_table, group_tables, long_rows, overall_table, scene_tables, sfm_table, summary_numbers
+from lrf.report.tables import before_after_table, ceiling_table, cost_tables, csv_text, diagnosis_table, failure_table, group_tables, long_rows, overall_table, scene_tables, sfm_table, shift_ceiling_numbers, summary_numbers
 
 
 def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> Report:
@@ -110,21 +110,6 @@ def build_report(results: Path, config: dict, out: Path, max_views: int = 3) -> 
             rep.grid_notes[key] = "no test views or no successful photo/vanilla/full/rgb-3dgs renders"
     write_outputs(rep, out)
     return rep
-
-
-def shift_ceiling_numbers(runs: list[Run], methods: list[str]) -> dict:
-    """summary.json: each ceiling method's mean shift-averaged ceiling, over all scenes and per split."""
-    out = {}
-    for m in methods:
-        if METHODS[m]["kind"] != "ceiling":
-            continue
-        for split in [None] + sorted({r.split for r in runs if r.split != "-"}):
-            v = [r.mean("psnr_shift") for r in runs if r.method == m and r.status == "ok"
-                 and (split is None or r.split == split)]
-            v = [x for x in v if x is not None]
-            if v:
-                out[f"shift_ceiling/{m}" + (f"/{split}" if split else "")] = sum(v) / len(v)
-    return out
 
 
 def add_selection(rep: Report, doc: dict | None, stage: str, tag: str, suffix: str, chosen: dict) -> None:

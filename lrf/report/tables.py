@@ -318,6 +318,21 @@ def table_html(t: Table) -> str:
     return f"<h3>{e(t.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
+def shift_ceiling_numbers(runs: list[Run], methods: list[str]) -> dict:
+    """summary.json: each ceiling method's mean shift-averaged ceiling, over all scenes and per split."""
+    out = {}
+    for m in methods:
+        if METHODS[m]["kind"] != "ceiling":
+            continue
+        for split in [None] + sorted({r.split for r in runs if r.split != "-"}):
+            v = [r.mean("psnr_shift") for r in runs if r.method == m and r.status == "ok"
+                 and (split is None or r.split == split)]
+            v = [x for x in v if x is not None]
+            if v:
+                out[f"shift_ceiling/{m}" + (f"/{split}" if split else "")] = sum(v) / len(v)
+    return out
+
+
 def summary_numbers(runs: list[Run], methods: list[str], stage_rows: dict[str, list]) -> dict:
     """Flat numbers for DVC: means over successful scenes, paired gaps to vanilla, failure counts."""
     out: dict[str, float | int] = {}
