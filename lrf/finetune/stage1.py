@@ -70,7 +70,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -665,8 +665,11 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
     tune, val = split_for_validation(tune, cfg)   # validation views' pairs leave training
     fp = fingerprint(cfg, vae, tune, spec)
     # The anchors' reference: the autoencoder as it starts (before any checkpoint is loaded).
-    vae0 = copy.deepcopy(vae).eval() if (cfg.w_anchor > 0 or cfg.w_out_anchor > 0) else None
-    encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if vae0 is not None else None
+    # A frozen encoder's latents are its starting ones: the latent anchor is 0, so its reference
+    # forward pass is skipped (the correspondence and stats terms are then logged constants).
+    loss_cfg = cfg if cfg.tune_encoder else replace(cfg, w_anchor=0.0)
+    vae0 = copy.deepcopy(vae).eval() if (loss_cfg.w_anchor > 0 or cfg.w_out_anchor > 0) else None
+    encoder0 = (lambda x: vae0.encode_distribution(x)[0]) if loss_cfg.w_anchor > 0 else None
     recon0 = (lambda x: vae0.decode(vae0.encode_distribution(x)[0], clamp=False)) if vae0 is not None else None
     parts = ([("encoder", enc)] if cfg.tune_encoder else []) + ([("decoder", dec)] if cfg.tune_decoder else [])
     sampler = PairSampler(tune, cfg)
@@ -708,7 +711,7 @@ def train_stage1(vae, lpips, tune: list[CorrScene], cfg: Stage1Config, out_dir: 
             shifts = shift_phase(rng.np, cfg)
             shifted = torch.stack([torch.stack([images.shifted_crop(p.scene, p.i, p.origin_i, cfg.crop, dx, dy)
                                                 for p in pairs]) for dx, dy in shifts[1:]]).to(dev)
-        L = step_losses(vae, lpips, x, pairs, cfg, mean0, std0, encoder0, theta, shifted, shifts, recon0)
+        L = step_losses(vae, lpips, x, pairs, loss_cfg, mean0, std0, encoder0, theta, shifted, shifts, recon0)
         opt.zero_grad(set_to_none=True)
         L["loss"].backward()
         opt.step()
